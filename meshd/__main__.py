@@ -1,0 +1,5 @@
+import sys
+
+from .cli.meshd import main
+
+sys.exit(main())

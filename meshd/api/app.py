@@ -1,0 +1,265 @@
+"""The OpenAI-compatible HTTP API (aiohttp), thin over the catalog and backends.
+
+Handlers parse with ``requests``, shape with ``responses`` and never format
+errors themselves: the middleware renders every ``MeshdError`` (and aiohttp's
+own 404/405/413) in OpenAI's error shape, and counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import web
+
+from ..backends.base import GenerationEvent, GenerationFinished, GenerationRequest, TextGenerated
+from ..catalog import ModelCatalog
+from ..config import ApiConfig
+from ..errors import (
+    InvalidRequest,
+    MeshdError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+)
+from . import requests as parse
+from .metrics import ApiMetrics
+from .responses import Completion, model_object, new_id
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class NodeFacts:
+    """What responses say about the node that served them."""
+
+    node_id: str
+    started: int
+
+
+def error_response(error: MeshdError) -> web.Response:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(int(error.retry_after))
+    return web.json_response(error.to_openai(), status=error.status, headers=headers)
+
+
+class ApiServer:
+    def __init__(self, config: ApiConfig, catalog: ModelCatalog, metrics: ApiMetrics, node: NodeFacts,
+                 shutdown_grace_s: float) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.metrics = metrics
+        self.node = node
+        self.accepting = True
+        self._grace = shutdown_grace_s
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._middleware])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        return app
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that disconnects cancels its handler,
+        # which closes the backend stream and stops generation within a token.
+        self._runner = web.AppRunner(
+            self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=self._grace
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen.host, self.config.listen.port, reuse_address=True)
+        await site.start()
+        server = site._server  # aiohttp exposes no public accessor for the bound port
+        sockets = getattr(server, "sockets", None) or []
+        self.bound = sockets[0].getsockname()[:2] if sockets else (self.config.listen.host, self.config.listen.port)
+
+    async def stop(self) -> None:
+        """Refuse new requests, let in-flight ones finish within the grace period, then cancel them."""
+        self.accepting = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- middleware ------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        started = time.perf_counter()
+        status = 500
+        self.metrics.in_flight.labels(route).inc()
+        try:
+            if not self.accepting and request.path.startswith("/v1/"):
+                raise ShuttingDown("This node is shutting down", retry_after=1)
+            response = await handler(request)
+            status = response.status
+            return response
+        except MeshdError as exc:
+            status = exc.status
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return error_response(PayloadTooLarge(
+                f"The request body exceeds the limit of {self.config.max_body_bytes} bytes"))
+        except web.HTTPMethodNotAllowed as exc:
+            status = 405
+            return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}; "
+                                                   f"use {', '.join(sorted(exc.allowed_methods))}"))
+        except web.HTTPNotFound:
+            status = 404
+            return error_response(NotFound(f"No such route: {request.method} {request.path}"))
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # the client went away; nothing to send
+            raise
+        except Exception:  # noqa: BLE001 - the boundary: log it, never leak a traceback
+            log.exception("unhandled error", extra={"fields": {"route": route}})
+            return error_response(MeshdError("Internal server error"))
+        finally:
+            self.metrics.in_flight.labels(route).dec()
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    # --- helpers ---------------------------------------------------------------
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _headers(self, model_id: str) -> dict[str, str]:
+        return {"X-Meshd-Node": self.node.node_id, "X-Meshd-Route": "local", "X-Meshd-Model": model_id}
+
+    # --- routes ----------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        models = {info.id: info.state for _, info in self.catalog.models()}
+        ready = all(state == "ready" for state in models.values())
+        status = "ok" if ready and self.accepting else "stopping" if not self.accepting else "starting"
+        body = {"status": status, "node": self.node.node_id, "models": models}
+        return web.json_response(body, status=200 if status == "ok" else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [model_object(info, self.node.started) for _, info in self.catalog.models()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        return web.json_response(model_object(self.catalog.info(request.match_info["model"]), self.node.started))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req, options = parse.parse_chat(await self._json_body(request), new_id("req"))
+        return await self._generate(request, req, options, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req, options = parse.parse_completion(await self._json_body(request), new_id("req"))
+        return await self._generate(request, req, options, chat=False)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        req, options = parse.parse_embedding(await self._json_body(request), new_id("req"))
+        resolved = self.catalog.resolve(req.model)
+        result = await resolved.backend.embed(replace(req, model=resolved.model_id))
+        self.metrics.tokens.labels(resolved.model_id, "prompt").inc(result.prompt_tokens)
+        data = [
+            {"object": "embedding", "index": i, "embedding": parse.encode_vector(v, options.encoding_format)}
+            for i, v in enumerate(result.vectors)
+        ]
+        body = {
+            "object": "list",
+            "data": data,
+            "model": resolved.model_id,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+        return web.json_response(body, headers=self._headers(resolved.model_id))
+
+    async def _generate(self, request: web.Request, req: GenerationRequest, options: parse.StreamOptions,
+                        chat: bool) -> web.StreamResponse:
+        arrived = time.perf_counter()
+        resolved = self.catalog.resolve(req.model)
+        req = replace(req, model=resolved.model_id)
+        shape = Completion(chat=chat, model=resolved.model_id, include_usage=options.include_usage)
+        events = resolved.backend.generate(req)  # admission: may raise QueueFull now
+        try:
+            # Wait for the first event before answering, so that errors found
+            # while preparing (context too long, bad grammar) keep their status.
+            first = await anext(events)
+            self._observe_first(resolved.model_id, first, arrived)
+            if options.stream:
+                return await self._stream(request, events, first, shape)
+            text: list[str] = []
+            event: GenerationEvent = first
+            while isinstance(event, TextGenerated):
+                text.append(event.text)
+                event = await anext(events)
+            self._observe_done(resolved.model_id, event)
+            return web.json_response(shape.whole("".join(text), event), headers=self._headers(resolved.model_id))
+        finally:
+            await events.aclose()
+
+    async def _stream(self, request: web.Request, events: AsyncIterator[GenerationEvent], first: GenerationEvent,
+                      shape: Completion) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **self._headers(shape.model),
+        })
+        await response.prepare(request)
+        opening = shape.first_chunk()
+        if opening:
+            await response.write(opening)
+        event = first
+        try:
+            while isinstance(event, TextGenerated):
+                if event.text:
+                    await response.write(shape.text_chunk(event.text))
+                event = await anext(events)
+        except ConnectionResetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+            error = exc if isinstance(exc, MeshdError) else MeshdError("Internal server error")
+            if not isinstance(exc, MeshdError):
+                log.error("generation failed mid-stream", exc_info=exc)
+            # Headers are gone: the error travels as a terminating SSE event.
+            await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
+            await response.write_eof()
+            return response
+        self._observe_done(shape.model, event)
+        await response.write(shape.final_chunks(event))
+        await response.write_eof()
+        return response
+
+    def _observe_first(self, model: str, event: GenerationEvent, arrived: float) -> None:
+        if isinstance(event, TextGenerated):
+            self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
+
+    def _observe_done(self, model: str, event: GenerationEvent) -> None:
+        if isinstance(event, GenerationFinished):
+            self.metrics.tokens.labels(model, "prompt").inc(event.prompt_tokens)
+            self.metrics.tokens.labels(model, "completion").inc(event.completion_tokens)
+
+
+__all__ = ["ApiServer", "NodeFacts", "error_response"]

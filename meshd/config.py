@@ -1,0 +1,300 @@
+"""Daemon configuration: one frozen dataclass per layer, and the loader.
+
+Precedence is flags > environment > config file > defaults. This module never
+reads ``os.environ`` or ``sys.argv`` itself: the CLI passes them in, so every
+layer is testable with plain dictionaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_API_PORT = 8764
+DEFAULT_STATE_DIR = "~/.local/state/meshd"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """A bad setting; ``key`` names it as it is spelled in the config file."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One GGUF file to serve in-process with llama.cpp."""
+
+    path: Path
+    id: str
+    aliases: tuple[str, ...] = ()
+    n_ctx: int = 4096
+    bundled: bool = False
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: ListenAddress = ListenAddress("127.0.0.1", DEFAULT_API_PORT)
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How local models execute requests."""
+
+    max_queue: int = 16  # waiting requests per model, beyond the one running
+    n_threads: int = 0  # 0: let llama.cpp pick
+    retry_after_s: int = 2
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path = Path(DEFAULT_STATE_DIR).expanduser()
+    api: ApiConfig = field(default_factory=ApiConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    models: tuple[ModelSpec, ...] = ()
+    default_model: bool = True
+    log_level: str = "info"
+    log_format: str = "text"
+    shutdown_grace_s: float = 10.0
+
+
+# --- value parsers: each takes (key, raw) and returns the typed value ---------
+
+
+def parse_listen(key: str, raw: Any) -> ListenAddress:
+    if not isinstance(raw, str):
+        raise ConfigError(key, f"expected HOST:PORT, got {raw!r}")
+    host, sep, port_text = raw.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(key, f"expected HOST:PORT, got {raw!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is out of range 0-65535")
+    return ListenAddress(host, port)
+
+
+def _parse_int(minimum: int) -> Callable[[str, Any], int]:
+    def parse(key: str, raw: Any) -> int:
+        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+            raw = int(raw)
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(key, f"expected an integer, got {raw!r}")
+        if raw < minimum:
+            raise ConfigError(key, f"must be at least {minimum}, got {raw}")
+        return raw
+
+    return parse
+
+
+def _parse_float(key: str, raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(key, f"must not be negative, got {raw!r}")
+    return value
+
+
+def _parse_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(key, f"expected true or false, got {raw!r}")
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def parse(key: str, raw: Any) -> str:
+        if not isinstance(raw, str) or raw.lower() not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}; got {raw!r}")
+        return raw.lower()
+
+    return parse
+
+
+def _parse_path(key: str, raw: Any) -> Path:
+    if not isinstance(raw, (str, os.PathLike)) or not str(raw):
+        raise ConfigError(key, f"expected a path, got {raw!r}")
+    return Path(raw).expanduser()
+
+
+# key -> (parser, environment variable or None)
+SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
+    "state_dir": (_parse_path, "MESHD_STATE_DIR"),
+    "log_level": (_parse_choice(LOG_LEVELS), "MESHD_LOG_LEVEL"),
+    "log_format": (_parse_choice(LOG_FORMATS), "MESHD_LOG_FORMAT"),
+    "default_model": (_parse_bool, None),
+    "no_default_model": (_parse_bool, "MESHD_NO_DEFAULT_MODEL"),
+    "shutdown_grace_s": (_parse_float, "MESHD_SHUTDOWN_GRACE"),
+    "api.listen": (parse_listen, "MESHD_API_LISTEN"),
+    "api.max_body_bytes": (_parse_int(1024), "MESHD_API_MAX_BODY_BYTES"),
+    "serving.max_queue": (_parse_int(0), "MESHD_MAX_QUEUE"),
+    "serving.n_threads": (_parse_int(0), "MESHD_N_THREADS"),
+    "serving.retry_after_s": (_parse_int(1), None),
+}
+MODEL_KEYS = {"path", "id", "aliases", "alias", "n_ctx"}
+MODELS_ENV = "MESHD_MODEL"  # os.pathsep-separated list of [ALIAS=]PATH
+
+
+def parse_model_arg(key: str, raw: str) -> dict[str, Any]:
+    """``[ALIAS=]PATH`` as given to ``--model`` or ``MESHD_MODEL``."""
+    alias, sep, path = raw.partition("=")
+    if not sep or "/" in alias or not alias:
+        alias, path = "", raw
+    if not path:
+        raise ConfigError(key, f"expected [ALIAS=]PATH, got {raw!r}")
+    entry: dict[str, Any] = {"path": path}
+    if alias:
+        entry["aliases"] = [alias]
+    return entry
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML file into flat ``{"api.listen": ...}`` settings."""
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    models = table.pop("models", [])
+    flat = _flatten(table)
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise ConfigError("models", "expected an array of tables ([[models]])")
+    flat["models"] = models
+    return flat
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, (_, var) in SETTINGS.items():
+        if var and var in env:
+            values[key] = env[var]
+    if env.get(MODELS_ENV):
+        values["models"] = [
+            parse_model_arg(MODELS_ENV, item) for item in env[MODELS_ENV].split(os.pathsep) if item
+        ]
+    return values
+
+
+def _model_spec(index: int, raw: Mapping[str, Any]) -> ModelSpec:
+    key = f"models[{index}]"
+    unknown = set(raw) - MODEL_KEYS
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown setting")
+    if "path" not in raw:
+        raise ConfigError(f"{key}.path", "is required")
+    path = _parse_path(f"{key}.path", raw["path"])
+    aliases = raw.get("aliases", [])
+    if "alias" in raw:
+        aliases = [*aliases, raw["alias"]]
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{key}.aliases", f"expected a list of names, got {aliases!r}")
+    model_id = raw.get("id", path.stem)
+    if not isinstance(model_id, str) or not model_id:
+        raise ConfigError(f"{key}.id", f"expected a name, got {model_id!r}")
+    n_ctx = _parse_int(0)(f"{key}.n_ctx", raw.get("n_ctx", ModelSpec.n_ctx))
+    return ModelSpec(path=path, id=model_id, aliases=tuple(aliases), n_ctx=n_ctx)
+
+
+def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
+    """Merge flat setting layers (lowest precedence first) into a DaemonConfig."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    values: dict[str, Any] = {}
+    for key, raw in merged.items():
+        if key == "models":
+            continue
+        if key not in SETTINGS:
+            raise ConfigError(key, "unknown setting")
+        values[key] = SETTINGS[key][0](key, raw)
+
+    default_model = values.get("default_model", True) and not values.get("no_default_model", False)
+    models = tuple(_model_spec(i, m) for i, m in enumerate(merged.get("models", [])))
+    seen: set[str] = set()
+    for index, spec in enumerate(models):
+        for name in (spec.id, *spec.aliases):
+            if name in seen:
+                raise ConfigError(f"models[{index}]", f"model name {name!r} is used twice")
+            seen.add(name)
+
+    def section(cls: type, prefix: str) -> Any:
+        kwargs = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+        return cls(**kwargs)
+
+    top = {k: v for k, v in values.items() if "." not in k and k not in ("default_model", "no_default_model")}
+    return dataclasses.replace(
+        DaemonConfig(),
+        **top,
+        api=section(ApiConfig, "api."),
+        serving=section(ServingConfig, "serving."),
+        models=models,
+        default_model=default_model,
+    )
+
+
+def load_config(
+    config_file: Path | None,
+    env: Mapping[str, str],
+    flags: Mapping[str, Any],
+) -> DaemonConfig:
+    """Defaults < file < env < flags. ``flags`` uses the same flat keys."""
+    file_layer = read_config_file(config_file) if config_file else {}
+    return build_config(file_layer, read_env(env), flags)
+
+
+__all__ = [
+    "ApiConfig",
+    "ConfigError",
+    "DaemonConfig",
+    "DEFAULT_API_PORT",
+    "ListenAddress",
+    "ModelSpec",
+    "ServingConfig",
+    "build_config",
+    "load_config",
+    "parse_listen",
+    "parse_model_arg",
+]
