@@ -226,6 +226,8 @@ def _model_spec(index: int, raw: Mapping[str, Any]) -> ModelSpec:
     if "path" not in raw:
         raise ConfigError(f"{key}.path", "is required")
     path = _parse_path(f"{key}.path", raw["path"])
+    if not path.is_file():
+        raise ConfigError(f"{key}.path", f"file not found: {path}")
     aliases = raw.get("aliases", [])
     if "alias" in raw:
         aliases = [*aliases, raw["alias"]]

@@ -196,6 +196,12 @@ class LlamaEngine:
         grammar = self._grammar(params)
         llama.set_seed(params.seed if params.seed is not None else random.randrange(2**32))
 
+        # Start from an empty context. llama-cpp-python would otherwise reuse the
+        # KV of a shared prefix from the previous request, and decoding one token
+        # against a cached prefix is not bit-identical to a batched prefill: at
+        # temperature 0 the text would depend on what ran before. Reproducible
+        # output matters more here (failover resumes on another node).
+        llama.reset()
         completion: list[int] = []
         sent_tokens = 0  # completion tokens already reported in a delta
         sent_bytes = 0  # bytes of completion text already emitted

@@ -1,0 +1,161 @@
+"""Every error case of the HTTP API, in OpenAI's error shape, over plain HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+
+def call(daemon, method: str, path: str, body: bytes | dict | None = None,
+         headers: dict | None = None) -> tuple[int, dict, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, json.loads(raw), dict(resp.getheaders())
+
+
+def assert_openai_error(body: dict, code: str, param: str | None = None) -> None:
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["code"], str) and error["code"] == code
+    assert error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_malformed_json_is_400(shared_daemon):
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400
+    assert_openai_error(body, "invalid_json")
+
+
+def test_non_object_json_is_400(shared_daemon):
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions", b"[1, 2]")
+    assert status == 400
+    assert_openai_error(body, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        ({"model": "smollm2"}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "smollm2", "messages": []}, "messages"),
+        ({"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "temperature"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+          "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+          "response_format": {"type": "xml"}}, "response_format"),
+        ({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_invalid_fields_are_400_with_param(shared_daemon, payload, param):
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions", payload)
+    assert status == 400, body
+    assert body["error"]["param"] == param
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ],
+)
+def test_unsupported_parameters_are_refused(shared_daemon, extra, param):
+    payload = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], **extra}
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions", payload)
+    assert status == 400
+    assert_openai_error(body, "unsupported_parameter", param)
+
+
+def test_default_valued_parameters_are_accepted(shared_daemon):
+    payload = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "n": 1,
+               "logprobs": False, "user": "someone", "max_tokens": 1}
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions", payload)
+    assert status == 200, body
+
+
+def test_completion_errors(shared_daemon):
+    status, body, _ = call(shared_daemon, "POST", "/v1/completions", {"model": "smollm2", "prompt": 42})
+    assert status == 400
+    assert_openai_error(body, "invalid_request", "prompt")
+    status, body, _ = call(shared_daemon, "POST", "/v1/completions", {"model": "smollm2", "prompt": "x", "echo": True})
+    assert status == 400
+    assert_openai_error(body, "unsupported_parameter", "echo")
+
+
+def test_embedding_errors(shared_daemon):
+    status, body, _ = call(shared_daemon, "POST", "/v1/embeddings", {"model": "smollm2", "input": []})
+    assert status == 400
+    assert_openai_error(body, "invalid_request", "input")
+    status, body, _ = call(shared_daemon, "POST", "/v1/embeddings",
+                           {"model": "smollm2", "input": "x", "encoding_format": "hex"})
+    assert status == 400
+    assert_openai_error(body, "invalid_request", "encoding_format")
+    status, body, _ = call(shared_daemon, "POST", "/v1/embeddings", {"model": "nope", "input": "x"})
+    assert status == 404
+    assert_openai_error(body, "model_not_found", "model")
+
+
+def test_body_over_limit_is_413(shared_daemon):
+    # The shared daemon runs with MESHD_API_MAX_BODY_BYTES=65536.
+    payload = {"model": "smollm2", "messages": [{"role": "user", "content": "x" * 70000}]}
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions", payload)
+    assert status == 413
+    assert_openai_error(body, "request_too_large")
+
+
+def test_prompt_over_context_is_400(shared_daemon):
+    # 4096-token context; each " apple" is one token. Stays under the 64 KiB body limit.
+    prompt = " apple" * 6000
+    status, body, _ = call(shared_daemon, "POST", "/v1/completions", {"model": "smollm2", "prompt": prompt})
+    assert status == 400
+    assert_openai_error(body, "context_length_exceeded", "prompt")
+    status, body, _ = call(shared_daemon, "POST", "/v1/chat/completions",
+                           {"model": "smollm2", "messages": [{"role": "user", "content": prompt}],
+                            "stream": True})
+    assert status == 400  # detected before the stream starts, so the status still says so
+    assert_openai_error(body, "context_length_exceeded", "messages")
+
+
+def test_unknown_route_and_wrong_method(shared_daemon):
+    status, body, _ = call(shared_daemon, "GET", "/v1/nothing-here")
+    assert status == 404
+    assert_openai_error(body, "not_found")
+    status, body, _ = call(shared_daemon, "GET", "/v1/chat/completions")
+    assert status == 405
+    assert_openai_error(body, "method_not_allowed")
+
+
+def test_health_and_metrics(shared_daemon):
+    status, body, _ = call(shared_daemon, "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    assert list(body["models"].values()) == ["ready"]
+    call(shared_daemon, "POST", "/v1/chat/completions",
+         {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    conn = http.client.HTTPConnection("127.0.0.1", shared_daemon.port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    assert 'meshd_http_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'meshd_http_requests_total{route="/v1/chat/completions",status="400"}' in text
+    assert "meshd_time_to_first_token_seconds_bucket" in text
+    assert "meshd_request_duration_seconds_bucket" in text
+    assert 'meshd_tokens_total{kind="completion"' in text
+    assert "meshd_requests_in_flight" in text
+    assert "meshd_backend_queued_requests" in text
