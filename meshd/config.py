@@ -70,8 +70,15 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    group: str | None = None  # members may use meshctl: the socket becomes 0660
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     state_dir: Path = Path(DEFAULT_STATE_DIR).expanduser()
+    name: str = ""  # display name; empty means the host name
+    admin: AdminSettings = field(default_factory=AdminSettings)
     api: ApiConfig = field(default_factory=ApiConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     models: tuple[ModelSpec, ...] = ()
@@ -145,9 +152,17 @@ def _parse_path(key: str, raw: Any) -> Path:
     return Path(raw).expanduser()
 
 
+def _parse_name(key: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip() or len(raw) > 64 or any(c in raw for c in "\n\r\t"):
+        raise ConfigError(key, f"expected a short single-line name, got {raw!r}")
+    return raw.strip()
+
+
 # key -> (parser, environment variable or None)
 SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "state_dir": (_parse_path, "MESHD_STATE_DIR"),
+    "name": (_parse_name, "MESHD_NAME"),
+    "admin.group": (_parse_name, "MESHD_ADMIN_GROUP"),
     "log_level": (_parse_choice(LOG_LEVELS), "MESHD_LOG_LEVEL"),
     "log_format": (_parse_choice(LOG_FORMATS), "MESHD_LOG_FORMAT"),
     "default_model": (_parse_bool, None),
@@ -271,6 +286,7 @@ def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
         DaemonConfig(),
         **top,
         api=section(ApiConfig, "api."),
+        admin=section(AdminSettings, "admin."),
         serving=section(ServingConfig, "serving."),
         models=models,
         default_model=default_model,
@@ -288,6 +304,7 @@ def load_config(
 
 
 __all__ = [
+    "AdminSettings",
     "ApiConfig",
     "ConfigError",
     "DaemonConfig",

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import time
 from pathlib import Path
 
+from identity import IdentityError, NodeKey, StateDirLock, load_or_create_node_key, lock_state_dir
+from peers import TRUST_FILE_NAME, TrustStore
+from peers.trust_model import TrustChange
+
 from .api import ApiMetrics, ApiServer, NodeFacts
+from .api.admin import SOCKET_NAME, AdminConfig, AdminServer
 from .backends.base import Backend, BackendLoad
 from .backends.bundled import bundled_model_spec
 from .backends.llama_cpp import LlamaCppBackend
@@ -31,13 +35,20 @@ class StartupError(Exception):
     """The daemon cannot start; the message is one line for the operator."""
 
 
-def prepare_state_dir(path: Path) -> None:
+TRUST_POLL_S = 1.0
+
+
+def claim_state_dir(path: Path) -> tuple[StateDirLock, NodeKey]:
+    """Lock the state dir (one live daemon per dir) and load or create the node key."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create state dir {path}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise StartupError(f"state dir {path} is not writable")
+        lock = lock_state_dir(path)
+    except IdentityError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        return lock, load_or_create_node_key(path)
+    except IdentityError as exc:
+        lock.release()
+        raise StartupError(str(exc)) from None
 
 
 class Daemon:
@@ -47,6 +58,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.backends: list[Backend] = []
         self.api: ApiServer | None = None
+        self.admin: AdminServer | None = None
+        self.trust: TrustStore | None = None
 
     def _model_specs(self) -> list:
         specs = list(self.config.models)
@@ -66,16 +79,54 @@ class Daemon:
             log.info("stopping", extra=fields(reason=reason))
             self.stopping.set()
 
+    def trust_changed(self, changes: tuple[TrustChange, ...]) -> None:
+        """Every trust change, from meshctl or a hand edit, lands here.
+
+        The trust store already logs each change; the mesh (issue 4) hooks in
+        here to disconnect revoked peers.
+        """
+
+    async def _watch_trust(self, trust: TrustStore) -> None:
+        """Pick up hand edits of the trust file without a restart."""
+        while True:
+            await asyncio.sleep(TRUST_POLL_S)
+            result = trust.poll()
+            if result is None:
+                continue
+            if result.error is not None:
+                log.error("trust file rejected; the previous state stays in force", extra=fields(error=str(result.error)))
+            elif result.changes:
+                log.info("trust file changed on disk", extra=fields(changes=len(result.changes)))
+                self.trust_changed(result.changes)
+
     async def run(self) -> int:
         config = self.config
-        prepare_state_dir(config.state_dir)
+        lock, key = claim_state_dir(config.state_dir)
+        try:
+            return await self._run(key)
+        finally:
+            lock.release()
+
+    async def _run(self, key: NodeKey) -> int:
+        config = self.config
+        name = config.name or socket.gethostname()
+        self.trust = TrustStore(config.state_dir / TRUST_FILE_NAME)
+        loaded = self.trust.reload()
+        if loaded.error is not None:
+            # No earlier good state exists at start-up: trust nobody until it is fixed.
+            log.error("trust file rejected; no peer is trusted", extra=fields(error=str(loaded.error)))
+        log.info("node identity", extra=fields(node_id=str(key.node_id), name=name, trusted_peers=len(self.trust)))
         specs = self._model_specs()
         if specs:
             self.backends.append(LlamaCppBackend(specs, config.serving))
         catalog = ModelCatalog(self.backends)
         metrics = ApiMetrics(self._load)
-        node = NodeFacts(node_id=socket.gethostname(), started=int(time.time()))
+        node = NodeFacts(node_id=str(key.node_id), started=int(time.time()))
         self.api = ApiServer(config.api, catalog, metrics, node, config.shutdown_grace_s)
+        self.admin = AdminServer(
+            AdminConfig(config.state_dir / SOCKET_NAME, config.admin.group), key.node_id, name, self.trust,
+            self.trust_changed, lambda: self._api_url(),
+        )
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,8 +136,13 @@ class Daemon:
                 await self.api.start()
             except OSError as exc:
                 raise StartupError(f"cannot listen on {config.api.listen}: {exc.strerror or exc}") from None
-            host, port = self.api.bound or (config.api.listen.host, config.api.listen.port)
-            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                raise StartupError(f"cannot create the admin socket {self.admin.config.socket_path}: "
+                                   f"{exc.strerror or exc}") from None
+            watcher = asyncio.create_task(self._watch_trust(self.trust))
+            url = self._api_url()
             log.info("api listening", extra=fields(url=url, models=",".join(s.id for s in specs) or "-"))
             starting = [asyncio.create_task(b.start()) for b in self.backends]
             stop_wait = asyncio.create_task(self.stopping.wait())
@@ -98,6 +154,7 @@ class Daemon:
                 log.info("ready", extra=fields(url=url))
             await stop_wait
             self.notifier.notify("STOPPING=1")
+            watcher.cancel()
             await self._shutdown(starting)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,7 +162,14 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    def _api_url(self) -> str:
+        listen = self.config.api.listen
+        host, port = self.api.bound if self.api and self.api.bound else (listen.host, listen.port)
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+
     async def _shutdown(self, starting: list[asyncio.Task]) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
         if self.api is not None:
             await self.api.stop()  # bounded by shutdown_grace_s
         await asyncio.gather(*starting, return_exceptions=True)
@@ -113,4 +177,4 @@ class Daemon:
             await backend.close()
 
 
-__all__ = ["Daemon", "StartupError", "prepare_state_dir"]
+__all__ = ["Daemon", "StartupError", "claim_state_dir"]

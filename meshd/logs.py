@@ -22,6 +22,17 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+# Attributes every LogRecord has; anything else came from ``extra=`` and is a field.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "fields", "taskName"}
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """``extra={"fields": {...}}`` and plain ``extra={...}`` keys alike."""
+    values = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    values.update(getattr(record, "fields", None) or {})
+    return values
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     return json.dumps(text) if (not text or any(c in text for c in ' ="\n')) else text
@@ -29,7 +40,7 @@ def _quote(value: Any) -> str:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extra = getattr(record, "fields", {}) or {}
+        extra = record_fields(record)
         parts = [_timestamp(record), record.levelname, f"{record.name}:", record.getMessage()]
         parts += [f"{k}={_quote(v)}" for k, v in extra.items()]
         line = " ".join(parts)
@@ -46,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        body.update(getattr(record, "fields", {}) or {})
+        body.update(record_fields(record))
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
         return json.dumps(body, default=str)
@@ -62,4 +73,4 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-__all__ = ["JsonFormatter", "TextFormatter", "fields", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "fields", "record_fields", "setup_logging"]

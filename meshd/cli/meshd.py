@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", help="run the daemon in the foreground (what systemd runs)")
     start.add_argument("--config", metavar="FILE", type=Path, help="TOML config file (env MESHD_CONFIG)")
+    start.add_argument("--name", help="this node's display name (env MESHD_NAME; default the host name)")
     start.add_argument("--state-dir", metavar="DIR", help="keys, trust store, sockets (env MESHD_STATE_DIR)")
     start.add_argument(
         "--api-listen", metavar="HOST:PORT",
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     flags: dict[str, Any] = {
         "state_dir": args.state_dir,
+        "name": args.name,
         "api.listen": args.api_listen,
         "serving.max_queue": args.max_queue,
         "shutdown_grace_s": args.shutdown_grace,

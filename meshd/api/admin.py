@@ -1,0 +1,190 @@
+"""The admin API: JSON over HTTP on a Unix socket in the state dir, for meshctl.
+
+Never on TCP. The socket is created 0600 (0660 with a configured group), and
+the caller's uid (SO_PEERCRED) is recorded as "added by" on trust changes.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from identity import IdentityError, InvalidNodeId, NodeId
+from peers import InvalidRole, PeerNotTrusted, TrustError, TrustStore, parse_roles
+from peers.trust_model import AmbiguousNodeId, TrustChange
+
+from .. import __version__
+from ..logs import fields
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "meshd.sock"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    socket_path: Path
+    group: str | None = None  # lets members of this group use meshctl (0660)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def caller_name(request: web.Request) -> str:
+    """The local user on the other end of the socket, from the kernel, not the client."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return ""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", raw)
+        return pwd.getpwuid(uid).pw_name
+    except (OSError, KeyError):
+        return ""
+
+
+def describe_change(change: TrustChange) -> dict[str, Any]:
+    body: dict[str, Any] = {"event": type(change).__name__}
+    node_id = getattr(change, "node_id", None)
+    if node_id is not None:
+        body["node_id"] = str(node_id)
+    return body
+
+
+class AdminServer:
+    def __init__(self, config: AdminConfig, node_id: NodeId, name: str, trust: TrustStore,
+                 on_trust_change: Callable[[tuple[TrustChange, ...]], None], api_url: Callable[[], str]) -> None:
+        self.config = config
+        self.node_id = node_id
+        self.name = name
+        self.trust = trust
+        self._on_trust_change = on_trust_change
+        self._api_url = api_url
+        self._runner: web.AppRunner | None = None
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        app.router.add_get("/v1/node", self.node)
+        app.router.add_get("/v1/trust", self.trust_list)
+        app.router.add_post("/v1/trust", self.trust_add)
+        app.router.add_get("/v1/trust/{node}", self.trust_show)
+        app.router.add_delete("/v1/trust/{node}", self.trust_revoke)
+        return app
+
+    async def start(self) -> None:
+        path = self.config.socket_path
+        if path.is_socket() or path.exists():
+            path.unlink()  # a stale socket: the state-dir lock proves no live daemon owns it
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        await self._runner.setup()
+        old = os.umask(0o177)  # created 0600: never a window where others could connect
+        try:
+            await web.UnixSite(self._runner, str(path)).start()
+        finally:
+            os.umask(old)
+        if self.config.group:
+            os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
+            os.chmod(path, 0o660)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.config.socket_path.unlink(missing_ok=True)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InvalidNodeId as exc:
+            return _error(400, "invalid_node_id", str(exc))
+        except (InvalidRole, ValueError) as exc:
+            return _error(400, "invalid_request", str(exc))
+        except PeerNotTrusted as exc:
+            return _error(404, "not_trusted", str(exc))
+        except AmbiguousNodeId as exc:
+            return _error(409, "ambiguous_node_id", str(exc))
+        except (TrustError, IdentityError) as exc:
+            return _error(409, "trust_store_error", str(exc))
+        except web.HTTPException as exc:
+            return _error(exc.status, "not_found" if exc.status == 404 else "bad_request", exc.reason)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ValueError("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        return body
+
+    # --- routes ----------------------------------------------------------------
+
+    async def node(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "node_id": str(self.node_id), "short_id": self.node_id.short(), "name": self.name,
+            "version": __version__, "api_url": self._api_url(),
+        })
+
+    async def trust_list(self, request: web.Request) -> web.Response:
+        error = self.trust.last_error
+        return web.json_response({
+            "entries": [e.to_dict() for e in self.trust.list()],
+            "file_error": str(error) if error else None,
+        })
+
+    async def trust_show(self, request: web.Request) -> web.Response:
+        node_id = self.trust.resolve(request.match_info["node"])
+        entry = self.trust.get(node_id)
+        if entry is None:
+            raise PeerNotTrusted(f"{node_id} is not trusted")
+        return web.json_response({"entry": entry.to_dict()})
+
+    async def trust_add(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        node_id = NodeId.parse(str(body.get("node_id", "")))
+        if node_id == self.node_id:
+            raise ValueError("that is this node's own id; trust is for other nodes")
+        roles = parse_roles(body["roles"]) if body.get("roles") is not None else None
+        existed = self.trust.get(node_id) is not None
+        changes = self.trust.add(
+            node_id,
+            roles=roles if roles is not None else (self.trust.roles_of(node_id) if existed else parse_roles("all")),
+            name=body.get("name"),
+            note=body.get("note"),
+            added_by=caller_name(request),
+        )
+        self._changed(changes, request)
+        entry = self.trust.get(node_id)
+        return web.json_response(
+            {"entry": entry.to_dict() if entry else None, "created": not existed,
+             "changes": [describe_change(c) for c in changes]},
+            status=200 if existed else 201,
+        )
+
+    async def trust_revoke(self, request: web.Request) -> web.Response:
+        node_id = self.trust.resolve(request.match_info["node"])
+        changes = self.trust.revoke(node_id)
+        self._changed(changes, request)
+        return web.json_response({"revoked": str(node_id), "changes": [describe_change(c) for c in changes]})
+
+    def _changed(self, changes: tuple[TrustChange, ...], request: web.Request) -> None:
+        if changes:
+            log.info("trust changed", extra=fields(by=caller_name(request) or "?",
+                                                   changes=",".join(type(c).__name__ for c in changes)))
+            self._on_trust_change(changes)
+
+
+__all__ = ["AdminConfig", "AdminServer", "SOCKET_NAME"]
