@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_API_PORT = 8764
+DEFAULT_MESH_PORT = 8765
 DEFAULT_STATE_DIR = "~/.local/state/meshd"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -70,6 +71,15 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    # QUIC over UDP. All interfaces by default: every connection is mutually
+    # authenticated, and untrusted peers get nothing beyond the hello.
+    listen: ListenAddress = ListenAddress("0.0.0.0", DEFAULT_MESH_PORT)
+    discovery: bool = True
+    peers: tuple[ListenAddress, ...] = ()
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     group: str | None = None  # members may use meshctl: the socket becomes 0660
 
@@ -79,6 +89,7 @@ class DaemonConfig:
     state_dir: Path = Path(DEFAULT_STATE_DIR).expanduser()
     name: str = ""  # display name; empty means the host name
     admin: AdminSettings = field(default_factory=AdminSettings)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     models: tuple[ModelSpec, ...] = ()
@@ -152,6 +163,13 @@ def _parse_path(key: str, raw: Any) -> Path:
     return Path(raw).expanduser()
 
 
+def _parse_peer_list(key: str, raw: Any) -> tuple[ListenAddress, ...]:
+    items = [x.strip() for x in raw.split(",")] if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(key, f"expected a list of HOST:PORT, got {raw!r}")
+    return tuple(parse_listen(key, item) for item in items if item)
+
+
 def _parse_name(key: str, raw: Any) -> str:
     if not isinstance(raw, str) or not raw.strip() or len(raw) > 64 or any(c in raw for c in "\n\r\t"):
         raise ConfigError(key, f"expected a short single-line name, got {raw!r}")
@@ -171,6 +189,10 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "api.listen": (parse_listen, "MESHD_API_LISTEN"),
     "api.max_body_bytes": (_parse_int(1024), "MESHD_API_MAX_BODY_BYTES"),
     "serving.max_queue": (_parse_int(0), "MESHD_MAX_QUEUE"),
+    "mesh.listen": (parse_listen, "MESHD_MESH_LISTEN"),
+    "mesh.discovery": (_parse_bool, None),
+    "no_discovery": (_parse_bool, "MESHD_NO_DISCOVERY"),
+    "mesh.peers": (_parse_peer_list, "MESHD_PEERS"),
     "serving.n_threads": (_parse_int(0), "MESHD_N_THREADS"),
     "serving.retry_after_s": (_parse_int(1), None),
 }
@@ -281,12 +303,16 @@ def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
         kwargs = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
         return cls(**kwargs)
 
-    top = {k: v for k, v in values.items() if "." not in k and k not in ("default_model", "no_default_model")}
+    top = {k: v for k, v in values.items()
+           if "." not in k and k not in ("default_model", "no_default_model", "no_discovery")}
+    if values.get("no_discovery"):
+        values["mesh.discovery"] = False
     return dataclasses.replace(
         DaemonConfig(),
         **top,
         api=section(ApiConfig, "api."),
         admin=section(AdminSettings, "admin."),
+        mesh=section(MeshConfig, "mesh."),
         serving=section(ServingConfig, "serving."),
         models=models,
         default_model=default_model,
@@ -310,6 +336,7 @@ __all__ = [
     "DaemonConfig",
     "DEFAULT_API_PORT",
     "ListenAddress",
+    "MeshConfig",
     "ModelSpec",
     "ServingConfig",
     "build_config",

@@ -26,6 +26,7 @@ from .catalog import ModelCatalog
 from .config import DaemonConfig
 from .errors import MeshdError
 from .logs import fields
+from .mesh.service import LocalNode, MeshService, new_boot_id
 from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.admin: AdminServer | None = None
         self.trust: TrustStore | None = None
+        self.mesh: MeshService | None = None
 
     def _model_specs(self) -> list:
         specs = list(self.config.models)
@@ -136,6 +138,13 @@ class Daemon:
                 await self.api.start()
             except OSError as exc:
                 raise StartupError(f"cannot listen on {config.api.listen}: {exc.strerror or exc}") from None
+            bound_port = self.api.bound[1] if self.api.bound else config.api.listen.port
+            self.mesh = MeshService(config.mesh, LocalNode(key, name, bound_port, new_boot_id()), self.trust)
+            self.admin.mesh = self.mesh
+            try:
+                await self.mesh.start()
+            except OSError as exc:
+                raise StartupError(f"cannot start the mesh on {config.mesh.listen}: {exc.strerror or exc}") from None
             try:
                 await self.admin.start()
             except OSError as exc:
@@ -170,6 +179,8 @@ class Daemon:
     async def _shutdown(self, starting: list[asyncio.Task]) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
         if self.api is not None:
             await self.api.stop()  # bounded by shutdown_grace_s
         await asyncio.gather(*starting, return_exceptions=True)

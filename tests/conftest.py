@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -109,8 +109,10 @@ def start_daemon(tmp: Path, *args: str, env: dict[str, str] | None = None, ready
     full_env = {**os.environ, **(env or {})}
     if "NOTIFY_SOCKET" not in (env or {}):
         full_env.pop("NOTIFY_SOCKET", None)  # never let a test daemon talk to our own systemd
+    # Single-host tests keep the mesh on loopback and quiet: no mDNS unless asked for.
+    mesh = ["--mesh-listen", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--no-discovery"]
     argv = [sys.executable, "-m", "meshd", "start", "--api-listen", f"127.0.0.1:{port}",
-            "--state-dir", str(state), *args]
+            "--state-dir", str(state), *mesh, *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     daemon = DaemonProcess(proc, port, state, log_path, argv)

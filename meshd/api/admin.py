@@ -65,8 +65,10 @@ def describe_change(change: TrustChange) -> dict[str, Any]:
 
 class AdminServer:
     def __init__(self, config: AdminConfig, node_id: NodeId, name: str, trust: TrustStore,
-                 on_trust_change: Callable[[tuple[TrustChange, ...]], None], api_url: Callable[[], str]) -> None:
+                 on_trust_change: Callable[[tuple[TrustChange, ...]], None], api_url: Callable[[], str],
+                 mesh: Any = None) -> None:
         self.config = config
+        self.mesh = mesh
         self.node_id = node_id
         self.name = name
         self.trust = trust
@@ -81,6 +83,8 @@ class AdminServer:
         app.router.add_post("/v1/trust", self.trust_add)
         app.router.add_get("/v1/trust/{node}", self.trust_show)
         app.router.add_delete("/v1/trust/{node}", self.trust_revoke)
+        app.router.add_get("/v1/peers", self.peers)
+        app.router.add_post("/v1/peers", self.peers_add)
         return app
 
     async def start(self) -> None:
@@ -179,6 +183,26 @@ class AdminServer:
         changes = self.trust.revoke(node_id)
         self._changed(changes, request)
         return web.json_response({"revoked": str(node_id), "changes": [describe_change(c) for c in changes]})
+
+    def _mesh(self) -> Any:
+        if self.mesh is None:
+            raise web.HTTPServiceUnavailable(reason="the mesh is not running on this node")
+        return self.mesh
+
+    async def peers(self, request: web.Request) -> web.Response:
+        return web.json_response(self._mesh().snapshot())
+
+    async def peers_add(self, request: web.Request) -> web.Response:
+        from ..config import ConfigError, parse_listen
+
+        body = await self._body(request)
+        try:
+            address = parse_listen("address", body.get("address"))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        self._mesh().add_static_peer(address.host, address.port)
+        log.info("static peer added", extra=fields(address=str(address), by=caller_name(request) or "?"))
+        return web.json_response({"added": str(address)}, status=201)
 
     def _changed(self, changes: tuple[TrustChange, ...], request: web.Request) -> None:
         if changes:

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("id", parents=[common], help="this node's id and name")
 
+    peers = commands.add_parser("peers", parents=[common], help="discovered, connected and trusted peers")
+    peers_cmds = peers.add_subparsers(dest="peers_command", metavar="ACTION")
+    peers_add = peers_cmds.add_parser("add", parents=[common], help="dial a peer at HOST:PORT (no multicast needed)")
+    peers_add.add_argument("address", metavar="HOST:PORT")
+
     trust = commands.add_parser("trust", parents=[common], help="which peers this node trusts, and for what")
     trust_cmds = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
     add = trust_cmds.add_parser("add", parents=[common], help="trust a peer (or change its roles)")
@@ -100,11 +105,46 @@ def show_entry(entry: dict[str, Any]) -> str:
     return "\n".join(f"{k + ':':10} {', '.join(entry[k]) if k == 'roles' else entry.get(k) or '-'}" for k in keys)
 
 
+STATE_HINTS = {"untrusted": "untrusted — run meshctl trust add {id}"}
+
+
+def peers_command(args: argparse.Namespace, client: AdminClient) -> tuple[Any, str]:
+    if getattr(args, "peers_command", None) == "add":
+        from ..config import ConfigError, parse_listen
+
+        try:
+            address = str(parse_listen("address", args.address))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        result = client.call("POST", "/v1/peers", {"address": address})
+        return result, f"added static peer {result['added']}"
+    result = client.call("GET", "/v1/peers")
+    rows = []
+    for peer in result["peers"]:
+        state = STATE_HINTS.get(peer["state"], peer["state"]).format(id=peer["node_id"])
+        rtt = f"{peer['rtt_ms']:.2f}ms" if peer["rtt_ms"] is not None else "-"
+        models = ",".join(m.get("id", "?") for m in peer["models"]) or "-"
+        load = peer["load"]
+        load_text = f"{load.get('in_flight', 0)}/{load.get('queued', 0)}" if load else "-"
+        rows.append([peer["node_id"], peer["name"] or "-", state, ",".join(peer["addresses"]) or "-", rtt, models,
+                     load_text, ",".join(peer["roles"]) or "-"])
+    text = table(rows, ["NODE ID", "NAME", "STATE", "ADDRESSES", "RTT", "MODELS", "LOAD", "ROLES"]) \
+        if rows else "no peers yet"
+    waiting = [s["address"] for s in result["static"] if not s["node_id"]]
+    if waiting:
+        text += "\nstatic peers not reached yet: " + ", ".join(waiting)
+    for conflict in result["self_conflict"]:
+        text += "\nCONFLICT: another live daemon uses this node's id at " + ", ".join(conflict["addresses"])
+    return result, text
+
+
 def run(args: argparse.Namespace, client: AdminClient) -> tuple[Any, str]:
     """Returns (json result, human text)."""
     if args.command == "id":
         node = client.call("GET", "/v1/node")
         return node, f"{node['node_id']}  {node['name']}"
+    if args.command == "peers":
+        return peers_command(args, client)
     action = args.trust_command
     if action == "add":
         body = {"node_id": check_node_id(args.node_id), "name": args.name, "roles": check_roles(args.roles),

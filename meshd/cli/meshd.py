@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import DEFAULT_API_PORT, ConfigError, load_config, parse_model_arg
+from ..config import DEFAULT_API_PORT, DEFAULT_MESH_PORT, ConfigError, load_config, parse_model_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-listen", metavar="HOST:PORT",
         help=f"OpenAI API address (env MESHD_API_LISTEN; default 127.0.0.1:{DEFAULT_API_PORT})",
     )
+    start.add_argument("--mesh-listen", metavar="HOST:PORT",
+                       help=f"QUIC (UDP) address for peers (env MESHD_MESH_LISTEN; default 0.0.0.0:{DEFAULT_MESH_PORT})")
+    start.add_argument("--no-discovery", action="store_true", default=None,
+                       help="do not announce or browse with mDNS (env MESHD_NO_DISCOVERY=1)")
+    start.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
+                       help="a static peer to dial (repeatable; env MESHD_PEERS, comma-separated)")
     start.add_argument(
         "--model", metavar="[ALIAS=]PATH", action="append", default=[],
         help="serve this GGUF file (repeatable; id = file stem; env MESHD_MODEL, ':'-separated). "
@@ -63,6 +69,9 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "no_default_model": args.no_default_model,
+        "mesh.listen": args.mesh_listen,
+        "no_discovery": args.no_discovery,
+        "mesh.peers": args.peer or None,
     }
     if args.model:
         flags["models"] = [parse_model_arg("--model", item) for item in args.model]
