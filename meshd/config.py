@@ -77,6 +77,8 @@ class MeshConfig:
     listen: ListenAddress = ListenAddress("0.0.0.0", DEFAULT_MESH_PORT)
     discovery: bool = True
     peers: tuple[ListenAddress, ...] = ()
+    heartbeat_s: float = 5.0
+    peer_timeout_s: float = 15.0  # silence after which a connected peer is marked down
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,8 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "mesh.discovery": (_parse_bool, None),
     "no_discovery": (_parse_bool, "MESHD_NO_DISCOVERY"),
     "mesh.peers": (_parse_peer_list, "MESHD_PEERS"),
+    "mesh.heartbeat_s": (_parse_float, "MESHD_MESH_HEARTBEAT_S"),
+    "mesh.peer_timeout_s": (_parse_float, "MESHD_MESH_PEER_TIMEOUT_S"),
     "serving.n_threads": (_parse_int(0), "MESHD_N_THREADS"),
     "serving.retry_after_s": (_parse_int(1), None),
 }
@@ -292,6 +296,9 @@ def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
 
     default_model = values.get("default_model", True) and not values.get("no_default_model", False)
     models = tuple(_model_spec(i, m) for i, m in enumerate(merged.get("models", [])))
+    heartbeat = values.get("mesh.heartbeat_s", MeshConfig.heartbeat_s)
+    if not 0 < heartbeat < values.get("mesh.peer_timeout_s", MeshConfig.peer_timeout_s):
+        raise ConfigError("mesh.heartbeat_s", "must be positive and shorter than mesh.peer_timeout_s")
     seen: set[str] = set()
     for index, spec in enumerate(models):
         for name in (spec.id, *spec.aliases):

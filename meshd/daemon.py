@@ -13,7 +13,14 @@ import socket
 import time
 from pathlib import Path
 
-from identity import IdentityError, NodeKey, StateDirLock, load_or_create_node_key, lock_state_dir
+from identity import (
+    IdentityError,
+    NodeKey,
+    StateDirLock,
+    load_or_create_node_key,
+    load_or_create_tls_identity,
+    lock_state_dir,
+)
 from peers import TRUST_FILE_NAME, TrustStore
 from peers.trust_model import TrustChange
 
@@ -72,6 +79,17 @@ class Daemon:
                 raise StartupError(exc.message) from None
         return specs
 
+    def _capabilities(self, catalog: ModelCatalog) -> dict:
+        """What peers learn about this node in its signed capability announcements."""
+        models = [
+            {"id": info.id, "aliases": list(info.aliases), "state": info.state, "backend": backend.name,
+             "context_length": info.context_length}
+            for backend, info in catalog.models()
+        ]
+        load = self._load()
+        return {"backends": sorted({b.name for b in self.backends}), "models": models,
+                "load": {"in_flight": load.in_flight, "queued": load.queued}}
+
     def _load(self) -> BackendLoad:
         loads = [b.load() for b in self.backends]
         return BackendLoad(sum(x.in_flight for x in loads), sum(x.queued for x in loads))
@@ -84,9 +102,11 @@ class Daemon:
     def trust_changed(self, changes: tuple[TrustChange, ...]) -> None:
         """Every trust change, from meshctl or a hand edit, lands here.
 
-        The trust store already logs each change; the mesh (issue 4) hooks in
-        here to disconnect revoked peers.
+        The trust store already logs each change; the mesh re-checks every live
+        session (a revoked peer is disconnected) and dials newly trusted peers.
         """
+        if self.mesh is not None:
+            self.mesh.trust_changed(changes)
 
     async def _watch_trust(self, trust: TrustStore) -> None:
         """Pick up hand edits of the trust file without a restart."""
@@ -139,7 +159,12 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot listen on {config.api.listen}: {exc.strerror or exc}") from None
             bound_port = self.api.bound[1] if self.api.bound else config.api.listen.port
-            self.mesh = MeshService(config.mesh, LocalNode(key, name, bound_port, new_boot_id()), self.trust)
+            try:
+                tls = load_or_create_tls_identity(config.state_dir, key=key)
+            except IdentityError as exc:
+                raise StartupError(str(exc)) from None
+            self.mesh = MeshService(config.mesh, LocalNode(key, name, bound_port, new_boot_id()), self.trust, tls,
+                                    capabilities=lambda: self._capabilities(catalog))
             self.admin.mesh = self.mesh
             try:
                 await self.mesh.start()

@@ -71,6 +71,8 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
     root.setLevel(level.upper())
     # aiohttp's access log would duplicate our request metrics line by line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aioquic logs every handshake step at INFO; our own lines say what matters.
+    logging.getLogger("quic").setLevel(logging.WARNING)
 
 
 __all__ = ["JsonFormatter", "TextFormatter", "fields", "record_fields", "setup_logging"]

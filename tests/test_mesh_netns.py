@@ -164,3 +164,54 @@ def test_spoofed_announcement_is_ignored_and_logged(lab_factory, netns_daemons, 
     finally:
         forger.kill()
         forger.wait()
+
+
+FAST = {"MESHD_MESH_HEARTBEAT_S": "1", "MESHD_MESH_PEER_TIMEOUT_S": "4"}
+
+
+def trust_all(daemons: list[NetnsDaemon], ids: list[str]) -> None:
+    for daemon, own in zip(daemons, ids):
+        for other in ids:
+            if other != own:
+                daemon.meshctl("trust", "add", other)
+
+
+def states(daemon: NetnsDaemon) -> dict[str, str]:
+    return {p["node_id"]: p["state"] for p in daemon.meshctl("peers")["peers"]}
+
+
+def test_trusted_mesh_connects_and_survives_a_node_restart(lab_factory, netns_daemons, monkeypatch):
+    for key, value in FAST.items():
+        monkeypatch.setenv(key, value)
+    lab = lab_factory(3)
+    daemons = [netns_daemons(host, "--no-default-model") for host in lab.hosts]
+    ids = [ready(d) for d in daemons]
+    trust_all(daemons, ids)
+    for daemon, own in zip(daemons, ids):
+        others = set(ids) - {own}
+        assert wait_until(lambda: all(states(daemon).get(o) == "connected" for o in others), 20), \
+            (daemon.meshctl("peers"), daemon.log())
+    # RTT over the veth bridge is measured
+    assert all(p["rtt_ms"] is not None for p in daemons[0].meshctl("peers")["peers"])
+
+    victim = daemons[2]
+    victim.proc.kill()  # no goodbye: the others must notice the silence
+    victim.proc.wait()
+    for daemon in daemons[:2]:
+        assert wait_until(lambda: states(daemon).get(ids[2]) == "down", 15), daemon.meshctl("peers")
+    again = netns_daemons(lab.hosts[2], "--no-default-model", "--state-dir", str(victim.state_dir))
+    again.state_dir = victim.state_dir
+    assert ready(again) == ids[2]  # same state dir, same identity
+    for daemon in daemons[:2]:
+        assert wait_until(lambda: states(daemon).get(ids[2]) == "connected", 20), daemon.meshctl("peers")
+
+
+def test_untrusted_pair_stays_handshake_only(lab_factory, netns_daemons):
+    lab = lab_factory(2)
+    a, b = (netns_daemons(host, "--no-default-model") for host in lab.hosts)
+    id_a, id_b = ready(a), ready(b)
+    a.meshctl("trust", "add", id_b)  # only one side trusts
+    assert wait_until(lambda: states(a).get(id_b) == "untrusted", 20), a.meshctl("peers")
+    view = next(p for p in a.meshctl("peers")["peers"] if p["node_id"] == id_b)
+    assert view["models"] == [] and view["load"] == {}
+    assert states(b).get(id_a) == "untrusted"

@@ -1,0 +1,100 @@
+"""Two real daemons over QUIC on loopback: trust gating, capabilities, revocation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import free_port
+
+
+def meshctl(daemon, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "meshd.cli.meshctl", "--state-dir", str(daemon.state_dir),
+                          "--json", *args], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def peer_view(daemon, node_id: str) -> dict | None:
+    return next((p for p in meshctl(daemon, "peers")["peers"] if p["node_id"] == node_id), None)
+
+
+def wait_state(daemon, node_id: str, states: set[str], timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    view = None
+    while time.monotonic() < deadline:
+        view = peer_view(daemon, node_id)
+        if view and view["state"] in states:
+            return view
+        time.sleep(0.2)
+    raise AssertionError(f"{node_id} never reached {states}; last view {view}\n{daemon.log()}")
+
+
+@pytest.fixture
+def pair(daemon_factory):
+    """A (serves the bundled model) and B (no model, dials A statically)."""
+    mesh_a = free_port(socket.SOCK_DGRAM)
+    a = daemon_factory("--mesh-listen", f"127.0.0.1:{mesh_a}", "--name", "alpha")
+    b = daemon_factory("--no-default-model", "--peer", f"127.0.0.1:{mesh_a}", "--name", "beta")
+    return a, b, meshctl(a, "id")["node_id"], meshctl(b, "id")["node_id"]
+
+
+def test_untrusted_peers_get_only_a_refusal_then_connect_once_trusted(pair):
+    a, b, id_a, id_b = pair
+    view = wait_state(a, id_b, {"untrusted"})
+    assert "refused" in view["detail"]
+    assert view["models"] == [] and view["rtt_ms"] is None  # nothing but the handshake was exchanged
+    table = subprocess.run([sys.executable, "-m", "meshd.cli.meshctl", "--state-dir", str(a.state_dir), "peers"],
+                           capture_output=True, text=True).stdout
+    assert f"untrusted — run meshctl trust add {id_b}" in table
+    meshctl(a, "trust", "add", id_b, "--name", "beta")
+    meshctl(b, "trust", "add", id_a, "--name", "alpha")
+    view_b = wait_state(b, id_a, {"connected"})
+    view_a = wait_state(a, id_b, {"connected"})
+    # capabilities crossed: B sees A's model, A sees B's name; heartbeats measured an RTT
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (view_b["models"] and view_b["rtt_ms"] is not None):
+        time.sleep(0.2)
+        view_b = peer_view(b, id_a)
+    assert [m["id"] for m in view_b["models"]] == ["SmolLM2-135M-Instruct.Q4_1"]
+    assert view_b["rtt_ms"] is not None and view_b["rtt_ms"] < 100
+    assert view_a["name"] == "beta" and "inbound" in view_a["sources"]
+    assert view_b["roles"] == ["cache", "serve", "tensor", "use"]
+
+
+def test_one_sided_trust_is_refused_with_a_clear_state(pair):
+    a, b, id_a, id_b = pair
+    meshctl(b, "trust", "add", id_a)  # B trusts A; A does not trust B
+    view = wait_state(b, id_a, {"untrusted"})
+    assert "peer refused us: untrusted" in view["detail"]
+    assert wait_state(a, id_b, {"untrusted"})["detail"].startswith("we refused")
+
+
+def test_revocation_disconnects_a_live_peer(pair):
+    a, b, id_a, id_b = pair
+    meshctl(a, "trust", "add", id_b)
+    meshctl(b, "trust", "add", id_a)
+    wait_state(b, id_a, {"connected"})
+    meshctl(a, "trust", "revoke", id_b)
+    view = wait_state(b, id_a, {"untrusted", "down"}, timeout=10)
+    assert view["state"] in ("untrusted", "down")
+    assert wait_state(a, id_b, {"untrusted", "down"}, timeout=10)
+    assert "peer revoked" in a.log()
+
+
+def test_peers_add_reaches_a_static_peer(daemon_factory):
+    mesh_a = free_port(socket.SOCK_DGRAM)
+    a = daemon_factory("--no-default-model", "--mesh-listen", f"127.0.0.1:{mesh_a}")
+    b = daemon_factory("--no-default-model")
+    id_a, id_b = meshctl(a, "id")["node_id"], meshctl(b, "id")["node_id"]
+    meshctl(a, "trust", "add", id_b)
+    meshctl(b, "trust", "add", id_a)
+    assert meshctl(b, "peers", "add", f"127.0.0.1:{mesh_a}")["added"] == f"127.0.0.1:{mesh_a}"
+    wait_state(b, id_a, {"connected"})
+    static = meshctl(b, "peers")["static"]
+    assert static == [{"address": f"127.0.0.1:{mesh_a}", "node_id": id_a}]
