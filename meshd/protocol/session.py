@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from .channels import (
@@ -157,15 +158,17 @@ class PeerSession:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    def data_to_send(self, max_bytes_per_stream: int | None = None) -> list[Transmit]:
+    def data_to_send(self, max_bytes_per_stream: int | None | Callable[[int], int] = None) -> list[Transmit]:
         """Everything to perform now, in order: stream data, stream resets, then a connection close.
 
-        ``max_bytes_per_stream`` lets the transport pull at its own pace; what
-        it leaves stays in each stream's bounded send buffer.
+        ``max_bytes_per_stream`` (a number, or a function of the stream id)
+        lets the transport pull at its own pace; what it leaves stays in each
+        stream's bounded send buffer.
         """
         out: list[Transmit] = []
-        if self._control_out is not None:
-            chunk = self._control_out.take(max_bytes_per_stream)
+        if self._control_out is not None and self._control_id is not None:
+            limit = max_bytes_per_stream(self._control_id) if callable(max_bytes_per_stream) else max_bytes_per_stream
+            chunk = self._control_out.take(limit)
             if chunk is not None:
                 out.append(chunk)
         self._streams.collect(max_bytes_per_stream, out)

@@ -9,6 +9,8 @@ ready to send. Events go to the deque the session owns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
 from collections import OrderedDict, deque
 from typing import TypeVar
@@ -163,10 +165,15 @@ class StreamTable:
 
     # --- output and teardown ------------------------------------------------------------------
 
-    def collect(self, max_bytes: int | None, out: list[Transmit]) -> None:
-        """Append every stream's ready bytes, then the pending resets, to ``out``."""
+    def collect(self, max_bytes: int | None | Callable[[int], int], out: list[Transmit]) -> None:
+        """Append every stream's ready bytes, then the pending resets, to ``out``.
+
+        ``max_bytes`` is one cap for every stream, or a function of the stream
+        id (the transport's per-stream room), or None for everything.
+        """
         for machine in list(self._streams.values()):
-            chunk = machine.out.take(max_bytes)
+            limit = max_bytes(machine.stream_id) if callable(max_bytes) else max_bytes
+            chunk = machine.out.take(limit)
             if chunk is not None:
                 out.append(chunk)
             if machine.out.drained():

@@ -20,6 +20,7 @@ from .engine import (
     destination_cid,
     is_initial_packet,
     make_configuration,
+    stream_buffered,
 )
 from .link import EventHandler, PeerLink, SessionFactory, clock
 
@@ -128,6 +129,10 @@ class QuicEndpoint(asyncio.DatagramProtocol):
         now = clock()
         for data, addr in link.quic.datagrams_to_send(now=now):
             self.transport.sendto(data, addr)
+
+    @staticmethod
+    def engine_buffered(quic: MeshQuicConnection, stream_id: int) -> int:
+        return stream_buffered(quic, stream_id)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp error", extra={"fields": {"error": str(exc)}})

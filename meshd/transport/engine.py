@@ -69,6 +69,12 @@ def make_configuration(*, is_client: bool, certificate: Any, private_key: Any,
     return config
 
 
+def stream_buffered(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes aioquic holds for a stream that the peer has not acknowledged yet."""
+    stream = quic._streams.get(stream_id)
+    return 0 if stream is None else len(stream.sender._buffer)
+
+
 def is_initial_packet(data: bytes) -> tuple[bool, bytes | None]:
     """(is a v1 Initial packet, its destination connection id) for an unknown datagram."""
     try:
@@ -96,4 +102,5 @@ __all__ = [
     "events",
     "is_initial_packet",
     "make_configuration",
+    "stream_buffered",
 ]

@@ -129,7 +129,7 @@ class PeerLink:
         session = self.session
         if session is None:
             return
-        for item in session.data_to_send(self._pull_budget()):
+        for item in session.data_to_send(self._pull_budget):
             if isinstance(item, StreamData):
                 self.quic.send_stream_data(item.stream_id, item.data, item.end_stream)
             elif isinstance(item, ResetStream):
@@ -143,10 +143,11 @@ class PeerLink:
         if session.established and not self.connected.done():
             self.connected.set_result(session)
 
-    def _pull_budget(self) -> int:
+    def _pull_budget(self, stream_id: int) -> int:
         # aioquic buffers whatever it is given; pull from the session's bounded
-        # buffers only as fast as QUIC drains, so a slow peer never grows memory.
-        return self.QUIC_STREAM_BACKLOG // 4
+        # buffers only while QUIC holds less than the backlog for this stream
+        # (unacknowledged bytes), so a slow reader never grows memory.
+        return max(0, self.QUIC_STREAM_BACKLOG - self.endpoint.engine_buffered(self.quic, stream_id))
 
     def _reset_stream(self, stream_id: int, error_code: int) -> None:
         try:
