@@ -98,3 +98,63 @@ def test_peers_add_reaches_a_static_peer(daemon_factory):
     wait_state(b, id_a, {"connected"})
     static = meshctl(b, "peers")["static"]
     assert static == [{"address": f"127.0.0.1:{mesh_a}", "node_id": id_a}]
+
+
+async def test_garbage_streams_get_a_protocol_error_and_the_daemon_carries_on(daemon_factory, tmp_path):
+    """A trusted peer that misbehaves on one stream loses that stream, nothing more."""
+    from identity import load_or_create_node_key, load_or_create_tls_identity
+    from meshd.config import ListenAddress, MeshConfig
+    from meshd.mesh.service import LocalNode, MeshService, new_boot_id
+    from meshd.protocol import WireCode
+    from peers import TRUST_FILE_NAME, TrustStore
+
+    mesh_port = free_port(socket.SOCK_DGRAM)
+    daemon = daemon_factory("--no-default-model", "--mesh-listen", f"127.0.0.1:{mesh_port}")
+    daemon_id = meshctl(daemon, "id")["node_id"]
+    state = tmp_path / "raw-client"
+    key = load_or_create_node_key(state)
+    trust = TrustStore(state / TRUST_FILE_NAME)
+    trust.reload()
+    trust.add(__import__("identity").NodeId.parse(daemon_id), roles=["serve", "use"])
+    meshctl(daemon, "trust", "add", str(key.node_id))
+    client = MeshService(MeshConfig(listen=ListenAddress("127.0.0.1", 0), discovery=False,
+                                    peers=(ListenAddress("127.0.0.1", mesh_port),)),
+                         LocalNode(key, "raw", 0, new_boot_id()), trust, load_or_create_tls_identity(state, key=key))
+    resets: list[tuple[int, int]] = []
+    await client.start()
+    try:
+        import asyncio
+
+        from meshd.transport import engine
+
+        peer = __import__("identity").NodeId.parse(daemon_id)
+        for _ in range(150):
+            if peer in client.active:
+                break
+            await asyncio.sleep(0.1)
+        link = client.active[peer]
+        original = link._quic_event
+
+        def spy(event, now):  # record resets the daemon sends us, then carry on as usual
+            if isinstance(event, engine.events.StreamReset):
+                resets.append((event.stream_id, event.error_code))
+            original(event, now)
+
+        link._quic_event = spy
+        link.quic.send_stream_data(400, b"\xff garbage channel kind", end_stream=False)
+        link.quic.send_stream_data(404, b"\x01" + (2**31).to_bytes(4, "big"), end_stream=False)  # oversize frame
+        link.process(__import__("time").monotonic())
+        for _ in range(50):
+            if len(resets) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        codes = dict(resets)
+        assert codes.get(400) == WireCode.UNKNOWN_CHANNEL
+        assert codes.get(404) in (WireCode.FRAME_TOO_LARGE, WireCode.UNEXPECTED_CHANNEL)
+        await asyncio.sleep(0.5)
+        assert peer in client.active and not link.closed  # the connection itself survived
+        assert peer_view(daemon, str(key.node_id))["state"] == "connected"
+        status, health = daemon.get("/health")
+        assert status == 200
+    finally:
+        await client.stop()
