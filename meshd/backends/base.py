@@ -48,6 +48,11 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     request_id: str = ""
+    # Failover resume: completion tokens already produced elsewhere, and the
+    # text of them the client has already received. The backend continues
+    # after them and emits only text beyond ``resume_text``.
+    resume_token_ids: tuple[int, ...] = ()
+    resume_text: str = ""
 
 
 @dataclass(frozen=True)

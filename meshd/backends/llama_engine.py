@@ -202,23 +202,36 @@ class LlamaEngine:
         # temperature 0 the text would depend on what ran before. Reproducible
         # output matters more here (failover resumes on another node).
         llama.reset()
-        completion: list[int] = []
-        sent_tokens = 0  # completion tokens already reported in a delta
-        sent_bytes = 0  # bytes of completion text already emitted
+        resume = list(request.resume_token_ids)
+        if resume and grammar is not None:
+            raise InvalidRequest("constrained output (response_format) cannot be resumed on another node",
+                                 code="resume_unsupported")
+        if len(prompt) + len(resume) >= self.context_length:
+            raise ContextLengthExceeded("the prompt and the output so far fill the context", param="messages")
+        if resume and len(resume) >= max_tokens:
+            return GenerationFinished("length", len(prompt), len(resume))
+        completion: list[int] = list(resume)
+        sent_tokens = len(resume)  # completion tokens already reported in a delta
+        sent_bytes = len(request.resume_text.encode("utf-8"))  # completion text the client already has
         finish = "length"
         ttft: float | None = None
         text = b""
-        tokens = llama.generate(
-            prompt,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            grammar=grammar,
+        sampling = dict(
+            top_k=params.top_k, top_p=params.top_p, min_p=params.min_p, temp=params.temperature,
+            repeat_penalty=params.repeat_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, grammar=grammar,
         )
+        if resume:
+            # Replay the original evaluation pattern exactly: the prompt as one
+            # batch, then each delivered token on its own. A single batched
+            # prefill of prompt + output would differ in the last bits and, at
+            # temperature 0, could continue differently.
+            llama.eval(prompt)
+            for token in resume[:-1]:
+                llama.eval([token])
+            tokens = llama.generate(resume[-1:], reset=False, **sampling)
+        else:
+            tokens = llama.generate(prompt, **sampling)
         try:
             for token in tokens:
                 if ttft is None:
