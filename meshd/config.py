@@ -81,6 +81,21 @@ class MeshConfig:
     peer_timeout_s: float = 15.0  # silence after which a connected peer is marked down
 
 
+STRATEGIES = ("local-first", "least-loaded", "lowest-latency")
+DATA_CLASSES = ("public", "internal", "confidential", "secret")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    strategy: str = "local-first"
+    default_data_class: str = "internal"
+    # Node ids allowed to receive `confidential` requests; `secret` never leaves the node.
+    confidential_peers: tuple[str, ...] = ()
+    max_attempts: int = 3  # candidates tried for one request (failover bound)
+    breaker_threshold: int = 3
+    breaker_cooldown_s: float = 30.0
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     group: str | None = None  # members may use meshctl: the socket becomes 0660
@@ -92,6 +107,7 @@ class DaemonConfig:
     name: str = ""  # display name; empty means the host name
     admin: AdminSettings = field(default_factory=AdminSettings)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     models: tuple[ModelSpec, ...] = ()
@@ -172,6 +188,18 @@ def _parse_peer_list(key: str, raw: Any) -> tuple[ListenAddress, ...]:
     return tuple(parse_listen(key, item) for item in items if item)
 
 
+def _parse_id_list(key: str, raw: Any) -> tuple[str, ...]:
+    from identity import InvalidNodeId, NodeId
+
+    items = [x.strip() for x in raw.split(",")] if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(key, f"expected a list of node ids, got {raw!r}")
+    try:
+        return tuple(str(NodeId.parse(str(item))) for item in items if item)
+    except InvalidNodeId as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 def _parse_name(key: str, raw: Any) -> str:
     if not isinstance(raw, str) or not raw.strip() or len(raw) > 64 or any(c in raw for c in "\n\r\t"):
         raise ConfigError(key, f"expected a short single-line name, got {raw!r}")
@@ -196,6 +224,12 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "no_discovery": (_parse_bool, "MESHD_NO_DISCOVERY"),
     "mesh.peers": (_parse_peer_list, "MESHD_PEERS"),
     "mesh.heartbeat_s": (_parse_float, "MESHD_MESH_HEARTBEAT_S"),
+    "routing.strategy": (_parse_choice(STRATEGIES), "MESHD_ROUTING_STRATEGY"),
+    "routing.default_data_class": (_parse_choice(DATA_CLASSES), "MESHD_DEFAULT_DATA_CLASS"),
+    "routing.confidential_peers": (_parse_id_list, "MESHD_CONFIDENTIAL_PEERS"),
+    "routing.max_attempts": (_parse_int(1), None),
+    "routing.breaker_threshold": (_parse_int(1), None),
+    "routing.breaker_cooldown_s": (_parse_float, None),
     "mesh.peer_timeout_s": (_parse_float, "MESHD_MESH_PEER_TIMEOUT_S"),
     "serving.n_threads": (_parse_int(0), "MESHD_N_THREADS"),
     "serving.retry_after_s": (_parse_int(1), None),
@@ -320,6 +354,7 @@ def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
         api=section(ApiConfig, "api."),
         admin=section(AdminSettings, "admin."),
         mesh=section(MeshConfig, "mesh."),
+        routing=section(RoutingConfig, "routing."),
         serving=section(ServingConfig, "serving."),
         models=models,
         default_model=default_model,
@@ -344,6 +379,7 @@ __all__ = [
     "DEFAULT_API_PORT",
     "ListenAddress",
     "MeshConfig",
+    "RoutingConfig",
     "ModelSpec",
     "ServingConfig",
     "build_config",

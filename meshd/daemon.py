@@ -34,6 +34,7 @@ from .config import DaemonConfig
 from .errors import MeshdError
 from .logs import fields
 from .mesh.service import LocalNode, MeshService, new_boot_id
+from .routing import Dispatcher, RequestMux, Router
 from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Daemon:
         self.admin: AdminServer | None = None
         self.trust: TrustStore | None = None
         self.mesh: MeshService | None = None
+        self.dispatcher: Dispatcher | None = None
 
     def _model_specs(self) -> list:
         specs = list(self.config.models)
@@ -88,7 +90,8 @@ class Daemon:
         ]
         load = self._load()
         return {"backends": sorted({b.name for b in self.backends}), "models": models,
-                "load": {"in_flight": load.in_flight, "queued": load.queued}}
+                "load": {"in_flight": load.in_flight, "queued": load.queued,
+                         "served_for_peers": self.dispatcher.mux.served if self.dispatcher else 0}}
 
     def _load(self) -> BackendLoad:
         loads = [b.load() for b in self.backends]
@@ -144,7 +147,10 @@ class Daemon:
         catalog = ModelCatalog(self.backends)
         metrics = ApiMetrics(self._load)
         node = NodeFacts(node_id=str(key.node_id), started=int(time.time()))
-        self.api = ApiServer(config.api, catalog, metrics, node, config.shutdown_grace_s)
+        mux = RequestMux(catalog)
+        router = Router(config.routing, catalog, None, config.serving.max_queue)
+        self.dispatcher = Dispatcher(router, mux, None, str(key.node_id))
+        self.api = ApiServer(config.api, catalog, metrics, node, config.shutdown_grace_s, self.dispatcher)
         self.admin = AdminServer(
             AdminConfig(config.state_dir / SOCKET_NAME, config.admin.group), key.node_id, name, self.trust,
             self.trust_changed, lambda: self._api_url(),
@@ -166,6 +172,10 @@ class Daemon:
             self.mesh = MeshService(config.mesh, LocalNode(key, name, bound_port, new_boot_id()), self.trust, tls,
                                     capabilities=lambda: self._capabilities(catalog))
             self.admin.mesh = self.mesh
+            self.admin.dispatcher = self.dispatcher
+            self.mesh.request_handler = mux
+            self.mesh.on_link_closed = mux.link_closed
+            router.mesh = self.dispatcher.mesh = self.mesh
             try:
                 await self.mesh.start()
             except OSError as exc:

@@ -69,6 +69,7 @@ class AdminServer:
                  mesh: Any = None) -> None:
         self.config = config
         self.mesh = mesh
+        self.dispatcher: Any = None
         self.node_id = node_id
         self.name = name
         self.trust = trust
@@ -84,6 +85,8 @@ class AdminServer:
         app.router.add_get("/v1/trust/{node}", self.trust_show)
         app.router.add_delete("/v1/trust/{node}", self.trust_revoke)
         app.router.add_get("/v1/peers", self.peers)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/route", self.route)
         app.router.add_post("/v1/peers", self.peers_add)
         return app
 
@@ -191,6 +194,42 @@ class AdminServer:
 
     async def peers(self, request: web.Request) -> web.Response:
         return web.json_response(self._mesh().snapshot())
+
+    async def models(self, request: web.Request) -> web.Response:
+        """Every model this node can route to, and where it lives."""
+        rows = []
+        router = self.dispatcher.router
+        for backend, info in router.catalog.models():
+            load = backend.load()
+            rows.append({"model": info.id, "aliases": list(info.aliases), "node": str(self.node_id),
+                         "name": self.name, "location": "local", "state": info.state, "backend": backend.name,
+                         "identity": (info.details or {}).get("sha256"), "context_length": info.context_length,
+                         "load": {"in_flight": load.in_flight, "queued": load.queued}})
+        mesh = self.mesh
+        for record in mesh.table.peers() if mesh is not None else []:
+            for model in record.models:
+                rows.append({"model": model.get("id"), "aliases": model.get("aliases", []),
+                             "node": str(record.node_id), "name": record.name, "location": "peer",
+                             "state": model.get("state"), "backend": model.get("backend"),
+                             "identity": model.get("sha256"), "context_length": model.get("context_length"),
+                             "load": record.load, "peer_state": record.state.value,
+                             "serve_trusted": self.trust.allows(record.node_id, "serve")})
+        return web.json_response({"models": rows})
+
+    async def route(self, request: web.Request) -> web.Response:
+        """The decision the router would take now, without sending anything."""
+        from ..errors import MeshdError
+
+        model = request.query.get("model", "")
+        if not model:
+            raise ValueError("give ?model=NAME")
+        router = self.dispatcher.router
+        try:
+            data_class = router.data_class(request.query.get("data_class"))
+            decision = router.decide(model, data_class)
+        except MeshdError as exc:
+            return web.json_response({"model": model, "error": exc.to_openai()["error"]}, status=200)
+        return web.json_response(decision.to_dict())
 
     async def peers_add(self, request: web.Request) -> web.Response:
         from ..config import ConfigError, parse_listen

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from ..errors import (
     InvalidRequest,
     MeshdError,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     PayloadTooLarge,
     ShuttingDown,
@@ -54,9 +55,10 @@ def error_response(error: MeshdError) -> web.Response:
 
 class ApiServer:
     def __init__(self, config: ApiConfig, catalog: ModelCatalog, metrics: ApiMetrics, node: NodeFacts,
-                 shutdown_grace_s: float) -> None:
+                 shutdown_grace_s: float, dispatcher: Any) -> None:
         self.config = config
         self.catalog = catalog
+        self.dispatcher = dispatcher  # meshd.routing.Dispatcher: local or a trusted peer, by policy
         self.metrics = metrics
         self.node = node
         self.accepting = True
@@ -148,8 +150,11 @@ class ApiServer:
             raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
         return body
 
-    def _headers(self, model_id: str) -> dict[str, str]:
-        return {"X-Meshd-Node": self.node.node_id, "X-Meshd-Route": "local", "X-Meshd-Model": model_id}
+    def _headers(self, model_id: str, trace: Any) -> dict[str, str]:
+        return {"X-Meshd-Node": trace.node_header(), "X-Meshd-Route": trace.route_header(), "X-Meshd-Model": model_id}
+
+    def _data_class(self, request: web.Request) -> str:
+        return self.dispatcher.router.data_class(request.headers.get("X-Meshd-Data-Class"))
 
     # --- routes ----------------------------------------------------------------
 
@@ -163,12 +168,33 @@ class ApiServer:
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    def _mesh_models(self) -> list[dict[str, Any]]:
+        """Local models, then models that connected trusted peers serve (routed like any other)."""
         data = [model_object(info, self.node.started) for _, info in self.catalog.models()]
-        return web.json_response({"object": "list", "data": data})
+        seen = {m["id"] for m in data}
+        mesh = self.dispatcher.router.mesh
+        for node_id in list(mesh.active) if mesh is not None else []:
+            record = mesh.table.get(node_id)
+            if record is None or not mesh.trust.allows(node_id, "serve"):
+                continue
+            for model in record.models:
+                if model.get("id") in seen or model.get("state", "ready") != "ready":
+                    continue
+                seen.add(model["id"])
+                data.append({"id": model["id"], "object": "model", "created": self.node.started,
+                             "owned_by": "meshd", "meshd": {"state": "ready", "aliases": model.get("aliases", []),
+                                                             "location": "mesh", "node": str(node_id)}})
+        return data
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._mesh_models()})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        return web.json_response(model_object(self.catalog.info(request.match_info["model"]), self.node.started))
+        name = request.match_info["model"]
+        for model in self._mesh_models():
+            if name == model["id"] or name in model["meshd"].get("aliases", []):
+                return web.json_response(model)
+        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req, options = parse.parse_chat(await self._json_body(request), new_id("req"))
@@ -180,9 +206,9 @@ class ApiServer:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req, options = parse.parse_embedding(await self._json_body(request), new_id("req"))
-        resolved = self.catalog.resolve(req.model)
-        result = await resolved.backend.embed(replace(req, model=resolved.model_id))
-        self.metrics.tokens.labels(resolved.model_id, "prompt").inc(result.prompt_tokens)
+        result, trace = await self.dispatcher.embed(req, self._data_class(request))
+        model_id = trace.decision.chosen.model_id
+        self.metrics.tokens.labels(model_id, "prompt").inc(result.prompt_tokens)
         data = [
             {"object": "embedding", "index": i, "embedding": parse.encode_vector(v, options.encoding_format)}
             for i, v in enumerate(result.vectors)
@@ -190,42 +216,44 @@ class ApiServer:
         body = {
             "object": "list",
             "data": data,
-            "model": resolved.model_id,
+            "model": model_id,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        return web.json_response(body, headers=self._headers(resolved.model_id))
+        return web.json_response(body, headers=self._headers(model_id, trace))
 
     async def _generate(self, request: web.Request, req: GenerationRequest, options: parse.StreamOptions,
                         chat: bool) -> web.StreamResponse:
         arrived = time.perf_counter()
-        resolved = self.catalog.resolve(req.model)
-        req = replace(req, model=resolved.model_id)
-        shape = Completion(chat=chat, model=resolved.model_id, include_usage=options.include_usage)
-        events = resolved.backend.generate(req)  # admission: may raise QueueFull now
+        # Routing decides now (unknown model 404, forbidden data class 403, no
+        # node 503); admission to a local queue may raise QueueFull here too.
+        events, trace = self.dispatcher.generate(req, self._data_class(request))
+        model_id = trace.decision.chosen.model_id
+        shape = Completion(chat=chat, model=model_id, include_usage=options.include_usage)
         try:
             # Wait for the first event before answering, so that errors found
             # while preparing (context too long, bad grammar) keep their status.
             first = await anext(events)
-            self._observe_first(resolved.model_id, first, arrived)
+            self._observe_first(model_id, first, arrived)
+            headers = self._headers(model_id, trace)
             if options.stream:
-                return await self._stream(request, events, first, shape)
+                return await self._stream(request, events, first, shape, headers)
             text: list[str] = []
             event: GenerationEvent = first
             while isinstance(event, TextGenerated):
                 text.append(event.text)
                 event = await anext(events)
-            self._observe_done(resolved.model_id, event)
-            return web.json_response(shape.whole("".join(text), event), headers=self._headers(resolved.model_id))
+            self._observe_done(model_id, event)
+            return web.json_response(shape.whole("".join(text), event), headers=self._headers(model_id, trace))
         finally:
             await events.aclose()
 
     async def _stream(self, request: web.Request, events: AsyncIterator[GenerationEvent], first: GenerationEvent,
-                      shape: Completion) -> web.StreamResponse:
+                      shape: Completion, headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
-            **self._headers(shape.model),
+            **headers,
         })
         await response.prepare(request)
         opening = shape.first_chunk()

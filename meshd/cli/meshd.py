@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not announce or browse with mDNS (env MESHD_NO_DISCOVERY=1)")
     start.add_argument("--peer", metavar="HOST:PORT", action="append", default=[],
                        help="a static peer to dial (repeatable; env MESHD_PEERS, comma-separated)")
+    start.add_argument("--strategy", choices=["local-first", "least-loaded", "lowest-latency"],
+                       help="how to pick a node for a request (env MESHD_ROUTING_STRATEGY; default local-first)")
     start.add_argument(
         "--model", metavar="[ALIAS=]PATH", action="append", default=[],
         help="serve this GGUF file (repeatable; id = file stem; env MESHD_MODEL, ':'-separated). "
@@ -72,6 +74,7 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "mesh.listen": args.mesh_listen,
         "no_discovery": args.no_discovery,
         "mesh.peers": args.peer or None,
+        "routing.strategy": args.strategy,
     }
     if args.model:
         flags["models"] = [parse_model_arg("--model", item) for item in args.model]

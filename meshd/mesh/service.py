@@ -82,6 +82,7 @@ class MeshService:
         self.conflicts: list[ConflictDetected] = []
         self.active: dict[NodeId, PeerLink] = {}  # the one established link per peer
         self.request_handler: RequestHandler | None = None
+        self.on_link_closed: Callable[[PeerLink], None] | None = None
         self._session_config = session_config or SessionConfig(
             heartbeat_interval=config.heartbeat_s, peer_timeout=config.peer_timeout_s)
         self._verifier = CapabilityVerifier()
@@ -234,6 +235,8 @@ class MeshService:
             log.info("peer disconnected", extra=fields(peer=str(node_id), code=event.code, reason=event.reason))
 
     def _link_closed(self, link: PeerLink) -> None:
+        if self.on_link_closed is not None:
+            self.on_link_closed(link)
         for target, dialling in list(self._dialing.items()):
             if dialling is link:
                 del self._dialing[target]
