@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     peers_add = peers_cmds.add_parser("add", parents=[common], help="dial a peer at HOST:PORT (no multicast needed)")
     peers_add.add_argument("address", metavar="HOST:PORT")
 
+    commands.add_parser("models", parents=[common], help="local and mesh-wide models, where they live, their load")
+    route = commands.add_parser("route", parents=[common], help="which node would serve a request now, and why")
+    route.add_argument("--model", required=True, help="a model id or alias")
+    route.add_argument("--data-class", choices=["public", "internal", "confidential", "secret"],
+                       help="the request's data class (default: the node's configured default)")
+
     trust = commands.add_parser("trust", parents=[common], help="which peers this node trusts, and for what")
     trust_cmds = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
     add = trust_cmds.add_parser("add", parents=[common], help="trust a peer (or change its roles)")
@@ -145,6 +151,27 @@ def run(args: argparse.Namespace, client: AdminClient) -> tuple[Any, str]:
         return node, f"{node['node_id']}  {node['name']}"
     if args.command == "peers":
         return peers_command(args, client)
+    if args.command == "models":
+        result = client.call("GET", "/v1/models")
+        rows = [[m["model"], m["location"], (m["name"] or "-") + " " + m["node"][:15], m["state"] or "-",
+                 (m["identity"] or "-")[:12], f"{m['load'].get('in_flight', 0)}/{m['load'].get('queued', 0)}"
+                 if m["load"] else "-"] for m in result["models"]]
+        return result, table(rows, ["MODEL", "WHERE", "NODE", "STATE", "SHA256", "LOAD"]) if rows else "no models"
+    if args.command == "route":
+        from urllib.parse import urlencode
+
+        query = {"model": args.model, **({"data_class": args.data_class} if args.data_class else {})}
+        result = client.call("GET", "/v1/route?" + urlencode(query))
+        if "error" in result:
+            return result, f"no route for {args.model}: {result['error']['message']} ({result['error']['code']})"
+        lines = [f"model {result['model']} ({result['data_class']}, strategy {result['strategy']}): "
+                 f"served by {result['chosen']['target']} — {result['chosen']['reason']}"]
+        rows = [[str(i + 1), c["target"][:31], c["model"], f"{c['score']:g}",
+                 f"{c['rtt_ms']:.2f}ms" if c["rtt_ms"] is not None else "-", c["reason"]]
+                for i, c in enumerate(result["candidates"])]
+        lines.append(table(rows, ["#", "CANDIDATE", "MODEL", "LOAD", "RTT", "WHY"]))
+        lines += [f"excluded {e['target'][:31]}: {e['why']}" for e in result["excluded"]]
+        return result, "\n".join(lines)
     action = args.trust_command
     if action == "add":
         body = {"node_id": check_node_id(args.node_id), "name": args.name, "roles": check_roles(args.roles),

@@ -137,7 +137,9 @@ class Router:
                     why = "not connected"
                 elif not self.mesh.trust.allows(node_id, "serve"):
                     why = "not trusted with serve"
-                elif "use" not in session.peer_granted_roles:
+                elif session.peer_granted_roles and "use" not in session.peer_granted_roles:
+                    # Only the dialling side learns the peer's grants (from its hello ack);
+                    # otherwise a peer without `use` for us refuses the stream and we fail over.
                     why = "does not grant us use"
                 elif models[0].get("state", "ready") != "ready":
                     why = f"model {models[0].get('state')}"
