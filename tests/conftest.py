@@ -102,7 +102,9 @@ class DaemonProcess:
         return self.proc.returncode
 
 
-def start_daemon(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True) -> DaemonProcess:
+def start_daemon(tmp: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True,
+                 api_host: str = "127.0.0.1") -> DaemonProcess:
+    """``api_host`` other than loopback binds the API there; the test still talks to it over loopback."""
     port = free_port()
     state = tmp / f"state-{port}"
     log_path = tmp / f"meshd-{port}.log"
@@ -111,7 +113,7 @@ def start_daemon(tmp: Path, *args: str, env: dict[str, str] | None = None, ready
         full_env.pop("NOTIFY_SOCKET", None)  # never let a test daemon talk to our own systemd
     # Single-host tests keep the mesh on loopback and quiet: no mDNS unless asked for.
     mesh = ["--mesh-listen", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "--no-discovery"]
-    argv = [sys.executable, "-m", "meshd", "start", "--api-listen", f"127.0.0.1:{port}",
+    argv = [sys.executable, "-m", "meshd", "start", "--api-listen", f"{api_host}:{port}",
             "--state-dir", str(state), *mesh, *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env)
@@ -125,8 +127,9 @@ def start_daemon(tmp: Path, *args: str, env: dict[str, str] | None = None, ready
 def daemon_factory(tmp_path: Path, model_path: Path) -> Iterator:
     started: list[DaemonProcess] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> DaemonProcess:
-        daemon = start_daemon(tmp_path, *args, env=env, ready=ready)
+    def factory(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+                api_host: str = "127.0.0.1") -> DaemonProcess:
+        daemon = start_daemon(tmp_path, *args, env=env, ready=ready, api_host=api_host)
         started.append(daemon)
         return daemon
 
@@ -148,3 +151,27 @@ def openai_client(shared_daemon: DaemonProcess):
     import openai
 
     return openai.OpenAI(base_url=shared_daemon.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# --- meshd_native: every kernel test runs against the twin and the compiled extension ------------
+
+
+def native_or_skip():
+    """The compiled implementation; a skip with the reason when it is missing (a failure under
+    MESHD_REQUIRE_NATIVE=1, which scripts/test sets when a compiler is present)."""
+    import meshd_native
+
+    native = meshd_native.load_native()
+    if native is None:
+        reason = meshd_native.native_unavailable_reason()
+        if os.environ.get("MESHD_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"MESHD_REQUIRE_NATIVE=1 but {reason}")
+        pytest.skip(f"compiled meshd_native unavailable: {reason}")
+    return native
+
+
+@pytest.fixture(params=["twin", "native"])
+def impl(request: pytest.FixtureRequest):
+    import meshd_native
+
+    return meshd_native.twin if request.param == "twin" else native_or_skip()
