@@ -62,6 +62,28 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """API keys on ``/v1/*`` (docs/auth.md).
+
+    Keys are required once the key file holds any key (revoked ones count, so
+    revoking the last key never opens the node), or always with
+    ``require_keys``. A node whose API listens beyond loopback refuses to start
+    without a key unless ``insecure_no_auth``, which turns key checks off.
+    """
+
+    require_keys: bool = False
+    insecure_no_auth: bool = False
+    default_max_tokens: int = 1024  # reserved against token quotas when a request sets no max_tokens
+
+
+@dataclass(frozen=True)
+class ReceiptsConfig:
+    enabled: bool = True
+    max_file_bytes: int = 64 * 1024 * 1024  # rotate receipts-N.jsonl beyond this size
+    flush_interval_s: float = 1.0  # receipts are fsync'd in batches this often
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     """How local models execute requests."""
 
@@ -108,7 +130,13 @@ class DaemonConfig:
     admin: AdminSettings = field(default_factory=AdminSettings)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # Other backends, built from [[upstreams]], [[vllm]] and [[mlx]] tables.
+    upstreams: tuple[Any, ...] = ()
+    vllm: tuple[Any, ...] = ()
+    mlx: tuple[Any, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     models: tuple[ModelSpec, ...] = ()
     default_model: bool = True
@@ -233,8 +261,15 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "mesh.peer_timeout_s": (_parse_float, "MESHD_MESH_PEER_TIMEOUT_S"),
     "serving.n_threads": (_parse_int(0), "MESHD_N_THREADS"),
     "serving.retry_after_s": (_parse_int(1), None),
+    "auth.require_keys": (_parse_bool, "MESHD_REQUIRE_KEYS"),
+    "auth.insecure_no_auth": (_parse_bool, "MESHD_INSECURE_NO_AUTH"),
+    "auth.default_max_tokens": (_parse_int(1), None),
+    "receipts.enabled": (_parse_bool, "MESHD_RECEIPTS"),
+    "receipts.max_file_bytes": (_parse_int(4096), None),
+    "receipts.flush_interval_s": (_parse_float, None),
 }
 MODEL_KEYS = {"path", "id", "aliases", "alias", "n_ctx"}
+BACKEND_TABLES = ("upstreams", "vllm", "mlx")
 MODELS_ENV = "MESHD_MODEL"  # os.pathsep-separated list of [ALIAS=]PATH
 
 
@@ -274,7 +309,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     models = table.pop("models", [])
+    backend_tables = {name: table.pop(name, []) for name in BACKEND_TABLES}
     flat = _flatten(table)
+    for name, tables in backend_tables.items():
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise ConfigError(name, f"expected an array of tables ([[{name}]])")
+        if tables:
+            flat[name] = tables
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         raise ConfigError("models", "expected an array of tables ([[models]])")
     flat["models"] = models
@@ -315,14 +356,45 @@ def _model_spec(index: int, raw: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(path=path, id=model_id, aliases=tuple(aliases), n_ctx=n_ctx)
 
 
-def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
+def _table_to(cls: type, key: str, table: Mapping[str, Any]) -> Any:
+    """A frozen config dataclass from one TOML table: unknown keys are errors, lists become tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - names
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown setting")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+def _backend_configs(merged: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, tuple[Any, ...]]:
+    out: dict[str, tuple[Any, ...]] = {}
+    if merged.get("upstreams"):
+        from .backends.upstream import parse_upstream_table
+
+        out["upstreams"] = tuple(parse_upstream_table(f"upstreams[{i}]", t, env)
+                                 for i, t in enumerate(merged["upstreams"]))
+    if merged.get("vllm"):
+        from .backends.vllm import VllmConfig
+
+        out["vllm"] = tuple(_table_to(VllmConfig, f"vllm[{i}]", t) for i, t in enumerate(merged["vllm"]))
+    if merged.get("mlx"):
+        from .backends.mlx import MlxConfig
+
+        out["mlx"] = tuple(_table_to(MlxConfig, f"mlx[{i}]", t) for i, t in enumerate(merged["mlx"]))
+    return out
+
+
+def build_config(*layers: Mapping[str, Any], env: Mapping[str, str] | None = None) -> DaemonConfig:
     """Merge flat setting layers (lowest precedence first) into a DaemonConfig."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if v is not None})
     values: dict[str, Any] = {}
     for key, raw in merged.items():
-        if key == "models":
+        if key == "models" or key in BACKEND_TABLES:
             continue
         if key not in SETTINGS:
             raise ConfigError(key, "unknown setting")
@@ -356,8 +428,11 @@ def build_config(*layers: Mapping[str, Any]) -> DaemonConfig:
         mesh=section(MeshConfig, "mesh."),
         routing=section(RoutingConfig, "routing."),
         serving=section(ServingConfig, "serving."),
+        auth=section(AuthConfig, "auth."),
+        receipts=section(ReceiptsConfig, "receipts."),
         models=models,
         default_model=default_model,
+        **_backend_configs(merged, env or {}),
     )
 
 
@@ -368,12 +443,13 @@ def load_config(
 ) -> DaemonConfig:
     """Defaults < file < env < flags. ``flags`` uses the same flat keys."""
     file_layer = read_config_file(config_file) if config_file else {}
-    return build_config(file_layer, read_env(env), flags)
+    return build_config(file_layer, read_env(env), flags, env=env)
 
 
 __all__ = [
     "AdminSettings",
     "ApiConfig",
+    "AuthConfig",
     "ConfigError",
     "DaemonConfig",
     "DEFAULT_API_PORT",
@@ -381,6 +457,7 @@ __all__ = [
     "MeshConfig",
     "RoutingConfig",
     "ModelSpec",
+    "ReceiptsConfig",
     "ServingConfig",
     "build_config",
     "load_config",

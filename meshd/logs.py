@@ -1,7 +1,9 @@
 """Structured logging to stderr: ``logger.info("msg", extra={"fields": {...}})``.
 
 Text lines read ``TIME LEVEL logger: message key=value ...``; JSON lines carry
-the same keys. Callers pass identifiers, never secrets: nothing here redacts.
+the same keys. Callers pass identifiers, never secrets; as a last line of
+defence (a traceback quoting a header, say) anything shaped like an API key is
+redacted to its key id before a line is written.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import sys
 import time
 from typing import Any, TextIO
+
+from .auth.model import redact
 
 
 def fields(**values: Any) -> dict[str, Any]:
@@ -46,7 +50,7 @@ class TextFormatter(logging.Formatter):
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,7 +64,7 @@ class JsonFormatter(logging.Formatter):
         body.update(record_fields(record))
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
-        return json.dumps(body, default=str)
+        return redact(json.dumps(body, default=str))
 
 
 def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:

@@ -30,6 +30,7 @@ from ..errors import (
     ShuttingDown,
 )
 from . import requests as parse
+from .gate import AccessGate, Ticket
 from .metrics import ApiMetrics
 from .responses import Completion, model_object, new_id
 
@@ -46,8 +47,9 @@ class NodeFacts:
     started: int
 
 
-def error_response(error: MeshdError) -> web.Response:
-    headers = {}
+def error_response(error: MeshdError, extra: dict[str, str] | None = None) -> web.Response:
+    headers = dict(extra or {})
+    headers.update(getattr(error, "headers", None) or {})  # RateLimited: x-ratelimit-*, retry-after-ms
     if error.retry_after is not None:
         headers["Retry-After"] = str(int(error.retry_after))
     return web.json_response(error.to_openai(), status=error.status, headers=headers)
@@ -55,8 +57,9 @@ def error_response(error: MeshdError) -> web.Response:
 
 class ApiServer:
     def __init__(self, config: ApiConfig, catalog: ModelCatalog, metrics: ApiMetrics, node: NodeFacts,
-                 shutdown_grace_s: float, dispatcher: Any) -> None:
+                 shutdown_grace_s: float, dispatcher: Any, gate: AccessGate | None = None) -> None:
         self.config = config
+        self.gate = gate  # API keys, quotas and receipts; None: open, no receipts (tests of the bare API)
         self.catalog = catalog
         self.dispatcher = dispatcher  # meshd.routing.Dispatcher: local or a trusted peer, by policy
         self.metrics = metrics
@@ -106,16 +109,24 @@ class ApiServer:
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         started = time.perf_counter()
         status = 500
+        failure: MeshdError | None = None
+        cancelled = False
+        ticket = self.gate.open_ticket(request.path) if self.gate is not None else None
+        request["ticket"] = ticket
         self.metrics.in_flight.labels(route).inc()
         try:
             if not self.accepting and request.path.startswith("/v1/"):
                 raise ShuttingDown("This node is shutting down", retry_after=1)
+            if ticket is not None and request.path.startswith("/v1/"):
+                self.gate.authenticate(ticket, request.headers.get("Authorization"))  # type: ignore[union-attr]
             response = await handler(request)
             status = response.status
+            if ticket is not None and not response.prepared:
+                response.headers.update(self.gate.headers_for(ticket))  # type: ignore[union-attr]
             return response
         except MeshdError as exc:
-            status = exc.status
-            return error_response(exc)
+            status, failure = exc.status, exc
+            return error_response(exc, self.gate.headers_for(ticket) if ticket is not None else None)
         except web.HTTPRequestEntityTooLarge:
             status = 413
             return error_response(PayloadTooLarge(
@@ -128,12 +139,15 @@ class ApiServer:
             status = 404
             return error_response(NotFound(f"No such route: {request.method} {request.path}"))
         except (asyncio.CancelledError, ConnectionResetError):
-            status = 499  # the client went away; nothing to send
+            status, cancelled = 499, True  # the client went away; nothing to send
             raise
         except Exception:  # noqa: BLE001 - the boundary: log it, never leak a traceback
             log.exception("unhandled error", extra={"fields": {"route": route}})
-            return error_response(MeshdError("Internal server error"))
+            failure = MeshdError("Internal server error")
+            return error_response(failure)
         finally:
+            if ticket is not None:
+                self.gate.close(ticket, status, failure, cancelled)  # type: ignore[union-attr]
             self.metrics.in_flight.labels(route).dec()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -150,11 +164,37 @@ class ApiServer:
             raise InvalidRequest("The request body must be a JSON object", code="invalid_json")
         return body
 
-    def _headers(self, model_id: str, trace: Any) -> dict[str, str]:
-        return {"X-Meshd-Node": trace.node_header(), "X-Meshd-Route": trace.route_header(), "X-Meshd-Model": model_id}
+    def _headers(self, model_id: str, trace: Any, ticket: Ticket | None) -> dict[str, str]:
+        headers = {"X-Meshd-Node": trace.node_header(), "X-Meshd-Route": trace.route_header(),
+                   "X-Meshd-Model": model_id}
+        if ticket is not None:
+            headers.update(self.gate.headers_for(ticket))  # type: ignore[union-attr]
+        return headers
 
-    def _data_class(self, request: web.Request) -> str:
-        return self.dispatcher.router.data_class(request.headers.get("X-Meshd-Data-Class"))
+    def _admit(self, request: web.Request, model: str, prompt: str, max_tokens: int | None, *,
+               stream: bool = False, generates: bool = True) -> tuple[str, Ticket | None]:
+        """The request's data class, after the key's model and data-class rules and its quota (403/429)."""
+        header = request.headers.get("X-Meshd-Data-Class")
+        ticket: Ticket | None = request.get("ticket")
+        if ticket is None or self.gate is None:
+            return self.dispatcher.router.data_class(header), None
+        ticket.stream = stream
+        names = next((names for names in self._model_names() if model in names), (model,))
+        requested = self.gate.authorize(ticket, model, names, header, self.dispatcher.router.config.default_data_class)
+        data_class = self.dispatcher.router.data_class(requested)
+        ticket.data_class = data_class
+        self.gate.admit(ticket, prompt, max_tokens, generates=generates)
+        return data_class, ticket
+
+    def _model_names(self) -> list[tuple[str, ...]]:
+        return [(m["id"], *m["meshd"].get("aliases", [])) for m in self._mesh_models()]
+
+    def _visible(self, request: web.Request, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ticket: Ticket | None = request.get("ticket")
+        if ticket is None or self.gate is None:
+            return models
+        allowed = self.gate.visible(ticket, self._model_names())
+        return [m for m in models if m["id"] in allowed]
 
     # --- routes ----------------------------------------------------------------
 
@@ -187,11 +227,11 @@ class ApiServer:
         return data
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": self._mesh_models()})
+        return web.json_response({"object": "list", "data": self._visible(request, self._mesh_models())})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        for model in self._mesh_models():
+        for model in self._visible(request, self._mesh_models()):
             if name == model["id"] or name in model["meshd"].get("aliases", []):
                 return web.json_response(model)
         raise ModelNotFound(f"The model '{name}' does not exist", param="model")
@@ -206,8 +246,13 @@ class ApiServer:
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req, options = parse.parse_embedding(await self._json_body(request), new_id("req"))
-        result, trace = await self.dispatcher.embed(req, self._data_class(request))
+        data_class, ticket = self._admit(request, req.model, "".join(req.inputs), None, generates=False)
+        self._note(ticket, req.request_id, None)
+        result, trace = await self.dispatcher.embed(req, data_class, ticket)
         model_id = trace.decision.chosen.model_id
+        self._note(ticket, req.request_id, trace)
+        if ticket is not None:
+            ticket.usage(result.prompt_tokens, 0)
         self.metrics.tokens.labels(model_id, "prompt").inc(result.prompt_tokens)
         data = [
             {"object": "embedding", "index": i, "embedding": parse.encode_vector(v, options.encoding_format)}
@@ -219,36 +264,55 @@ class ApiServer:
             "model": model_id,
             "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
         }
-        return web.json_response(body, headers=self._headers(model_id, trace))
+        return web.json_response(body, headers=self._headers(model_id, trace, ticket))
+
+    @staticmethod
+    def _note(ticket: Ticket | None, request_id: str | None, trace: Any) -> None:
+        """What the receipt needs from routing: the request id, the route, the model's identity."""
+        if ticket is None:
+            return
+        ticket.request_id = request_id
+        ticket.trace = trace
+        chosen = trace.decision.chosen if trace is not None else None
+        if chosen is not None:
+            ticket.model = chosen.model_id
+            ticket.model_identity = {"sha256": chosen.identity} if chosen.identity else None
 
     async def _generate(self, request: web.Request, req: GenerationRequest, options: parse.StreamOptions,
                         chat: bool) -> web.StreamResponse:
         arrived = time.perf_counter()
+        prompt = req.prompt if req.messages is None else "".join(m.content for m in req.messages)
+        data_class, ticket = self._admit(request, req.model, prompt or "", req.params.max_tokens,
+                                         stream=options.stream)
+        self._note(ticket, req.request_id, None)
         # Routing decides now (unknown model 404, forbidden data class 403, no
         # node 503); admission to a local queue may raise QueueFull here too.
-        events, trace = self.dispatcher.generate(req, self._data_class(request))
+        events, trace = self.dispatcher.generate(req, data_class, ticket)
+        self._note(ticket, req.request_id, trace)
         model_id = trace.decision.chosen.model_id
         shape = Completion(chat=chat, model=model_id, include_usage=options.include_usage)
         try:
             # Wait for the first event before answering, so that errors found
             # while preparing (context too long, bad grammar) keep their status.
             first = await anext(events)
-            self._observe_first(model_id, first, arrived)
-            headers = self._headers(model_id, trace)
+            self._observe_first(model_id, first, arrived, ticket)
+            headers = self._headers(model_id, trace, ticket)
             if options.stream:
-                return await self._stream(request, events, first, shape, headers)
+                return await self._stream(request, events, first, shape, headers, ticket)
             text: list[str] = []
             event: GenerationEvent = first
             while isinstance(event, TextGenerated):
                 text.append(event.text)
+                if ticket is not None:
+                    ticket.delivered(len(event.token_ids) or 1)
                 event = await anext(events)
-            self._observe_done(model_id, event)
-            return web.json_response(shape.whole("".join(text), event), headers=self._headers(model_id, trace))
+            self._observe_done(model_id, event, ticket)
+            return web.json_response(shape.whole("".join(text), event), headers=self._headers(model_id, trace, ticket))
         finally:
             await events.aclose()
 
     async def _stream(self, request: web.Request, events: AsyncIterator[GenerationEvent], first: GenerationEvent,
-                      shape: Completion, headers: dict[str, str]) -> web.StreamResponse:
+                      shape: Completion, headers: dict[str, str], ticket: Ticket | None) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -264,6 +328,8 @@ class ApiServer:
             while isinstance(event, TextGenerated):
                 if event.text:
                     await response.write(shape.text_chunk(event.text))
+                if ticket is not None:
+                    ticket.delivered(len(event.token_ids) or 1)
                 event = await anext(events)
         except ConnectionResetError:
             raise
@@ -272,20 +338,27 @@ class ApiServer:
             if not isinstance(exc, MeshdError):
                 log.error("generation failed mid-stream", exc_info=exc)
             # Headers are gone: the error travels as a terminating SSE event.
+            if ticket is not None:
+                ticket.failed_mid_stream = error
             await response.write(b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n")
             await response.write_eof()
             return response
-        self._observe_done(shape.model, event)
+        self._observe_done(shape.model, event, ticket)
         await response.write(shape.final_chunks(event))
         await response.write_eof()
         return response
 
-    def _observe_first(self, model: str, event: GenerationEvent, arrived: float) -> None:
+    def _observe_first(self, model: str, event: GenerationEvent, arrived: float, ticket: Ticket | None) -> None:
         if isinstance(event, TextGenerated):
-            self.metrics.ttft.labels(model).observe(time.perf_counter() - arrived)
+            ttft = time.perf_counter() - arrived
+            self.metrics.ttft.labels(model).observe(ttft)
+            if ticket is not None:
+                ticket.ttft_ms = ttft * 1000
 
-    def _observe_done(self, model: str, event: GenerationEvent) -> None:
+    def _observe_done(self, model: str, event: GenerationEvent, ticket: Ticket | None) -> None:
         if isinstance(event, GenerationFinished):
+            if ticket is not None:
+                ticket.usage(event.prompt_tokens, event.completion_tokens)
             self.metrics.tokens.labels(model, "prompt").inc(event.prompt_tokens)
             self.metrics.tokens.labels(model, "completion").inc(event.completion_tokens)
 

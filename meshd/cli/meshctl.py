@@ -1,6 +1,8 @@
 """``meshctl``: talk to the local meshd over its admin socket.
 
-Exit codes: 0 done, 1 the daemon is not running or refused, 2 bad input.
+``keys``, ``receipts`` and ``usage`` read and write the state dir directly
+(meshctl_auth.py). Exit codes: 0 done, 1 the daemon is not running or refused
+(or ``receipts verify`` found a problem), 2 bad input.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import DEFAULT_STATE_DIR
+from . import meshctl_auth
 from .admin_client import AdminClient, AdminError, DaemonNotRunning
 
 ROLES_HELP = "comma-separated roles: serve (send my users' requests to it), use (it may send requests to me), " \
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("node_id", metavar="NODE-ID", help="an id or a unique prefix of one")
     revoke = trust_cmds.add_parser("revoke", parents=[common], help="stop trusting a peer (disconnects it)")
     revoke.add_argument("node_id", metavar="NODE-ID", help="an id or a unique prefix of one")
+    meshctl_auth.add_parsers(commands, common)
     return parser
 
 
@@ -199,8 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = AdminClient(socket_path(args, dict(os.environ)))
     try:
-        result, text = run(args, client)
-    except UsageError as exc:
+        if args.command in meshctl_auth.COMMANDS:
+            result, text = meshctl_auth.run(args, dict(os.environ))
+        else:
+            result, text = run(args, client)
+    except meshctl_auth.ChainBroken as exc:
+        print(json.dumps(exc.result, indent=2) if args.json else exc.text)
+        return 1
+    except (UsageError, meshctl_auth.LocalUsageError) as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 2
     except DaemonNotRunning as exc:

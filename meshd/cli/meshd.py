@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--no-default-model", action="store_true", default=None,
                        help="do not serve the bundled SmolLM2 model (env MESHD_NO_DEFAULT_MODEL=1)")
+    start.add_argument("--require-keys", action="store_true", default=None,
+                       help="require an API key on /v1/* even on loopback (env MESHD_REQUIRE_KEYS=1); "
+                       "keys are required anyway once `meshctl keys create` made one")
+    start.add_argument("--insecure-no-auth", action="store_true", default=None,
+                       help="serve /v1/* without API keys even beyond loopback (env MESHD_INSECURE_NO_AUTH=1)")
     start.add_argument("--max-queue", metavar="N", type=int, help="waiting requests per model (env MESHD_MAX_QUEUE)")
     start.add_argument("--shutdown-grace", metavar="SECONDS", type=float,
                        help="time in-flight requests get on SIGTERM (env MESHD_SHUTDOWN_GRACE; default 10)")
@@ -58,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="event loop (env MESHD_LOOP; auto = uvloop when installed)")
 
     commands.add_parser("version", help="print the version")
+
+    doctor = commands.add_parser("doctor", help="check this machine and find local model servers to add")
+    doctor.add_argument("--state-dir", metavar="DIR", help="env MESHD_STATE_DIR")
+    doctor.add_argument("--api-listen", metavar="HOST:PORT", help="the API address to check")
+    doctor.add_argument("--mesh-listen", metavar="HOST:PORT", help="the QUIC address to check")
+    doctor.add_argument("--probe", metavar="NAME=PORT", action="append", default=[],
+                        help="look for an OpenAI-compatible server on 127.0.0.1:PORT (repeatable; replaces the "
+                        "default ports 11434, 1234, 8000, 8080)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -75,6 +89,8 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "no_discovery": args.no_discovery,
         "mesh.peers": args.peer or None,
         "routing.strategy": args.strategy,
+        "auth.require_keys": args.require_keys,
+        "auth.insecure_no_auth": args.insecure_no_auth,
     }
     if args.model:
         flags["models"] = [parse_model_arg("--model", item) for item in args.model]
@@ -118,6 +134,39 @@ def start(args: argparse.Namespace) -> int:
         return 2
 
 
+def doctor(args: argparse.Namespace) -> int:
+    from ..doctor import DEFAULT_PROBES, DoctorOptions, exit_code, render_json, render_text, run_checks
+
+    env = os.environ
+    try:
+        config = load_config(Path(env["MESHD_CONFIG"]) if env.get("MESHD_CONFIG") else None, env, {
+            "state_dir": args.state_dir, "api.listen": args.api_listen, "mesh.listen": args.mesh_listen})
+        probes = DEFAULT_PROBES
+        if args.probe:
+            probes = tuple(_probe(item) for item in args.probe)
+    except ConfigError as exc:
+        print(f"meshd: config error: {exc}", file=sys.stderr)
+        return 2
+    options = DoctorOptions(
+        state_dir=config.state_dir,
+        api_listen=(config.api.listen.host, config.api.listen.port),
+        mesh_listen=(config.mesh.listen.host, config.mesh.listen.port),
+        probes=probes,
+    )
+    results = asyncio.run(run_checks(options))
+    print(render_json(results) if args.json else render_text(results))
+    return exit_code(results)
+
+
+def _probe(item: str):  # type: ignore[no-untyped-def]
+    from ..doctor import RuntimeProbe
+
+    name, sep, port = item.rpartition("=")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--probe", f"expected NAME=PORT, got {item!r}")
+    return RuntimeProbe(name or f"port-{port}", int(port), "openai")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -126,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "start":
         return start(args)
+    if args.command == "doctor":
+        return doctor(args)
     parser.print_help()
     return 2
 

@@ -12,6 +12,7 @@ from ..errors import (
     InvalidRequest,
     MeshdError,
     ModelNotFound,
+    PermissionDenied,
     QueueFull,
     ServiceUnavailable,
 )
@@ -72,6 +73,8 @@ _BY_CODE: dict[str, type[MeshdError]] = {
 def error_from_wire(code: str, message: str, http_status: int | None) -> MeshdError:
     """A peer's request error, as the same typed error the local path would raise."""
     cls = _BY_CODE.get(code)
+    if cls is None and http_status == 403:  # e.g. the peer refused our verdict: not worth a failover
+        cls = PermissionDenied
     if cls is None:
         cls = ServiceUnavailable if http_status in (None, 503) or code in ("untrusted", "forbidden") else BackendError
     error = cls(message, code=code)
