@@ -26,6 +26,7 @@ from peers.trust_model import TrustChange
 
 from .api import ApiMetrics, ApiServer, NodeFacts
 from .api.admin import SOCKET_NAME, AdminConfig, AdminServer
+from .api.gate import AccessGate
 from .backends.base import Backend, BackendLoad
 from .backends.bundled import bundled_model_spec
 from .backends.llama_cpp import LlamaCppBackend
@@ -34,6 +35,7 @@ from .config import DaemonConfig
 from .errors import MeshdError
 from .logs import fields
 from .mesh.service import LocalNode, MeshService, new_boot_id
+from .modelid import FileFactsCache
 from .routing import Dispatcher, RequestMux, Router
 from .sdnotify import Notifier
 
@@ -60,6 +62,113 @@ def claim_state_dir(path: Path) -> tuple[StateDirLock, NodeKey]:
         raise StartupError(str(exc)) from None
 
 
+def build_other_backends(config: DaemonConfig, facts_cache: FileFactsCache | None = None) -> list[Backend]:
+    """Upstream, vLLM and MLX backends; one that cannot run here stops start-up with its reason."""
+    from .backends.mlx import MlxBackend
+    from .backends.upstream import UpstreamBackend
+    from .backends.vllm import VllmBackend
+
+    backends: list[Backend] = [UpstreamBackend(c) for c in config.upstreams]
+    try:
+        backends += [VllmBackend(c) for c in config.vllm]
+        backends += [MlxBackend(c, facts_cache) for c in config.mlx]
+    except MeshdError as exc:
+        raise StartupError(exc.message) from None
+    return backends
+
+
+DESCRIBE_INTERVAL_S = 15.0  # upstream descriptors follow their /v1/models refreshes
+
+
+async def describe_backend(backend: Backend, catalog: ModelCatalog, warned: set[str]) -> None:
+    """One backend's model identity into the catalog; failures are logged, never raised."""
+    try:
+        descriptors = await backend.descriptors()  # hashing and file reads run in worker threads
+    except ImportError as exc:
+        if backend.name not in warned:
+            warned.add(backend.name)
+            log.warning("cannot describe models: a package is missing (GGUF identity needs `gguf`: "
+                        "pip install 'meshd[llama]'); their identity stays unknown",
+                        extra=fields(backend=backend.name, error=str(exc)))
+        return
+    except (OSError, ValueError, KeyError) as exc:  # unreadable or malformed model files
+        log.warning("cannot describe models", extra=fields(backend=backend.name, error=str(exc)))
+        return
+    catalog.set_descriptors(backend, descriptors)
+
+
+async def describe_models(backends: list[Backend], starting: list[asyncio.Task], catalog: ModelCatalog,
+                          interval_s: float = DESCRIBE_INTERVAL_S) -> None:
+    """Model identity of every backend once its start is over, then again every ``interval_s``.
+
+    Files are hashed once (the backends remember, the facts cache survives
+    restarts), so the repeats cost nothing for them; upstreams are described
+    from their latest ``/v1/models``, which changes when they come and go.
+    """
+    warned: set[str] = set()
+    while True:
+        for backend, task in zip(backends, starting):
+            if task.done():
+                await describe_backend(backend, catalog, warned)
+        pending = [t for t in starting if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(interval_s)
+
+
+async def detect_node(daemon: Daemon) -> None:
+    """The node descriptor with its accelerators (imports llama_cpp / mlx: in a worker thread)."""
+    from .mesh.capabilities import detect_accelerators, node_descriptor
+
+    accelerators = await asyncio.to_thread(detect_accelerators)
+    daemon.node_facts = await asyncio.to_thread(node_descriptor, accelerators)
+    log.info("node hardware", extra=fields(cpu=daemon.node_facts.get("cpu_model") or "unknown",
+                                           accelerators=",".join(a.get("name") or a["type"] for a in accelerators)
+                                           or "none"))
+
+
+RECEIPTS_DIR = "receipts"
+
+
+def open_gate(config: DaemonConfig, key: NodeKey) -> AccessGate:
+    """API keys, quotas and receipts; an API beyond loopback without a usable key stops start-up."""
+    from .auth import KeyFileError, KeyStore
+    from .telemetry import ReceiptLogCorrupt, ReceiptWriter
+
+    try:
+        keys = KeyStore.open(config.state_dir)
+    except KeyFileError as exc:
+        raise StartupError(f"the API key file is broken: {exc}") from None
+    listen, auth = config.api.listen, config.auth
+    usable = [k for k in keys.list(include_revoked=False) if not k.expired(time.time())]
+    if not listen.is_loopback and not auth.insecure_no_auth and not usable:
+        raise StartupError(
+            f"the API listens on {listen}, beyond loopback, and no API key exists: create one with "
+            "`meshctl keys create --name NAME` (or pass --insecure-no-auth to serve without keys)")
+    if auth.insecure_no_auth:
+        log.warning("API keys are off (--insecure-no-auth): anyone who reaches the API can use it",
+                    extra=fields(listen=str(listen)))
+    writer = None
+    if config.receipts.enabled:
+        try:
+            writer = ReceiptWriter(config.state_dir / RECEIPTS_DIR, max_file_bytes=config.receipts.max_file_bytes)
+        except (OSError, ReceiptLogCorrupt) as exc:
+            raise StartupError(f"cannot open the receipt log: {exc}") from None
+    return AccessGate(auth, keys, key, receipts=writer)
+
+
+async def flush_receipts(gate: AccessGate, interval_s: float) -> None:
+    """Batches receipts to disk (fsync'd off the event loop); a failed write is retried next time."""
+    writer = gate.receipts
+    while writer is not None:
+        await asyncio.sleep(interval_s)
+        try:
+            await writer.aflush()
+        except OSError as exc:
+            log.error("cannot write receipts; they stay queued", extra=fields(error=str(exc)))
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig, notify_socket: str | None = None) -> None:
         self.config = config
@@ -71,10 +180,12 @@ class Daemon:
         self.trust: TrustStore | None = None
         self.mesh: MeshService | None = None
         self.dispatcher: Dispatcher | None = None
+        self.node_facts: dict | None = None  # node descriptor with accelerators, once detected
 
     def _model_specs(self) -> list:
         specs = list(self.config.models)
-        if self.config.default_model and not specs:
+        other_backends = self.config.upstreams or self.config.vllm or self.config.mlx
+        if self.config.default_model and not specs and not other_backends:
             try:
                 specs.append(bundled_model_spec())
             except MeshdError as exc:
@@ -82,20 +193,34 @@ class Daemon:
         return specs
 
     def _capabilities(self, catalog: ModelCatalog) -> dict:
-        """What peers learn about this node in its signed capability announcements."""
+        """What peers learn about this node in its signed capability announcements.
+
+        ``identity`` is the model's descriptor (modelid.ModelDescriptor.to_dict,
+        None fields unknown; None as a whole until described), ``sha256`` its
+        file sha256 when known.
+        """
+        features = {b.name: b.capabilities().names() for b in self.backends}
         models = [
             {"id": info.id, "aliases": list(info.aliases), "state": info.state, "backend": backend.name,
-             "context_length": info.context_length}
+             "context_length": info.context_length, "sha256": (info.details or {}).get("sha256"),
+             "identity": (info.details or {}).get("identity"), "capabilities": features[backend.name]}
             for backend, info in catalog.models()
         ]
         load = self._load()
-        return {"backends": sorted({b.name for b in self.backends}), "models": models,
-                "load": {"in_flight": load.in_flight, "queued": load.queued,
-                         "served_for_peers": self.dispatcher.mux.served if self.dispatcher else 0}}
+        payload = {"backends": sorted({b.name for b in self.backends}), "models": models,
+                   "health": {b.name: b.health().to_dict() for b in self.backends},
+                   "load": {"in_flight": load.in_flight, "queued": load.queued,
+                            # one decimal: the announcement is re-signed only when something changed
+                            "tokens_per_s": round(load.tokens_per_s, 1),
+                            "served_for_peers": self.dispatcher.mux.served if self.dispatcher else 0}}
+        if self.node_facts is not None:
+            payload["node"] = self.node_facts  # replaces the mesh's own, which lacks accelerators
+        return payload
 
     def _load(self) -> BackendLoad:
         loads = [b.load() for b in self.backends]
-        return BackendLoad(sum(x.in_flight for x in loads), sum(x.queued for x in loads))
+        return BackendLoad(sum(x.in_flight for x in loads), sum(x.queued for x in loads),
+                           sum(x.tokens_per_s for x in loads))
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -142,15 +267,18 @@ class Daemon:
             log.error("trust file rejected; no peer is trusted", extra=fields(error=str(loaded.error)))
         log.info("node identity", extra=fields(node_id=str(key.node_id), name=name, trusted_peers=len(self.trust)))
         specs = self._model_specs()
+        facts_cache = await asyncio.to_thread(FileFactsCache.in_state_dir, config.state_dir)
         if specs:
-            self.backends.append(LlamaCppBackend(specs, config.serving))
+            self.backends.append(LlamaCppBackend(specs, config.serving, facts_cache))
+        self.backends += build_other_backends(config, facts_cache)
         catalog = ModelCatalog(self.backends)
         metrics = ApiMetrics(self._load)
         node = NodeFacts(node_id=str(key.node_id), started=int(time.time()))
-        mux = RequestMux(catalog)
+        gate = open_gate(config, key)
+        mux = RequestMux(catalog, gate)
         router = Router(config.routing, catalog, None, config.serving.max_queue)
-        self.dispatcher = Dispatcher(router, mux, None, str(key.node_id))
-        self.api = ApiServer(config.api, catalog, metrics, node, config.shutdown_grace_s, self.dispatcher)
+        self.dispatcher = Dispatcher(router, mux, None, str(key.node_id), gate)
+        self.api = ApiServer(config.api, catalog, metrics, node, config.shutdown_grace_s, self.dispatcher, gate)
         self.admin = AdminServer(
             AdminConfig(config.state_dir / SOCKET_NAME, config.admin.group), key.node_id, name, self.trust,
             self.trust_changed, lambda: self._api_url(),
@@ -185,21 +313,34 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot create the admin socket {self.admin.config.socket_path}: "
                                    f"{exc.strerror or exc}") from None
-            watcher = asyncio.create_task(self._watch_trust(self.trust))
             url = self._api_url()
             log.info("api listening", extra=fields(url=url, models=",".join(s.id for s in specs) or "-"))
             starting = [asyncio.create_task(b.start()) for b in self.backends]
+            # Background work that readiness does not wait for: trust file edits,
+            # receipt batches, model identity (hashing model files) and accelerators.
+            background = [asyncio.create_task(self._watch_trust(self.trust)),
+                          asyncio.create_task(flush_receipts(gate, config.receipts.flush_interval_s)),
+                          asyncio.create_task(describe_models(self.backends, starting, catalog)),
+                          asyncio.create_task(detect_node(self))]
+            all_started = asyncio.ensure_future(asyncio.gather(*starting))
+            all_started.add_done_callback(lambda f: f.cancelled() or f.exception())  # raised below, or at stop
             stop_wait = asyncio.create_task(self.stopping.wait())
-            await asyncio.wait([*starting, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            if all(t.done() for t in starting) and not self.stopping.is_set():
-                for task in starting:
-                    task.result()
+            await asyncio.wait([all_started, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            if all_started.done() and not self.stopping.is_set():
+                all_started.result()
                 self.notifier.notify("READY=1")
                 log.info("ready", extra=fields(url=url))
             await stop_wait
             self.notifier.notify("STOPPING=1")
-            watcher.cancel()
+            for task in background:
+                task.cancel()
             await self._shutdown(starting)
+            if gate.receipts is not None:
+                try:
+                    gate.receipts.close()
+                except OSError as exc:
+                    log.error("receipts not written at shutdown", extra=fields(error=str(exc),
+                                                                              lost=gate.receipts.pending))
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

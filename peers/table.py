@@ -45,6 +45,7 @@ class PeerRecord:
     rtt_ms: float | None = None
     models: list[dict[str, Any]] = field(default_factory=list)
     load: dict[str, Any] = field(default_factory=dict)
+    node: dict[str, Any] = field(default_factory=dict)  # its signed node descriptor: OS, CPU, memory, accelerators
     detail: str = ""  # why it is in its state (refusal code, error)
 
     def add_address(self, host: str, port: int) -> None:
@@ -144,6 +145,7 @@ def describe(record: PeerRecord, roles: list[str]) -> dict[str, Any]:
         "rtt_ms": None if record.rtt_ms is None else round(record.rtt_ms, 3),
         "models": record.models,
         "load": record.load,
+        "node": record.node,
         "roles": roles,
         "last_seen": record.last_seen,
     }

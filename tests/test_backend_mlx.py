@@ -130,6 +130,44 @@ def test_unavailable_off_apple_silicon_without_allow_cpu(model_dir: Path) -> Non
     assert usable and "CPU" in why
 
 
+async def test_construction_does_not_run_mlx_on_the_event_loop(model_dir: Path, monkeypatch) -> None:
+    import threading
+
+    from meshd.backends import mlx as mlx_module
+
+    real = mlx_module.mlx_cpu_problem
+    threads: list[str] = []
+
+    def spy() -> str | None:
+        threads.append(threading.current_thread().name)
+        return real()
+
+    monkeypatch.setattr(mlx_module, "mlx_cpu_problem", spy)
+    b = MlxBackend(MlxConfig(model=str(model_dir), allow_cpu=True))
+    assert threads == []  # the constructor only looked at the platform and the packages
+    await b.start()
+    try:
+        assert b.models()[0].state == "ready"
+        assert threads and threads[0] != threading.main_thread().name
+    finally:
+        await b.close()
+
+
+async def test_protocol_capabilities_health_descriptors_and_rate(backend: MlxBackend, model_dir: Path) -> None:
+    from meshd.backends.base import Backend
+
+    assert isinstance(backend, Backend)
+    caps = backend.capabilities()
+    assert caps.resume and caps.embeddings and not caps.json_object
+    assert backend.health().status == "ok"
+    assert backend.load().tokens_per_s == 0
+    request = GenerationRequest(model="tiny-llama", params=GREEDY, prompt="the quick")
+    deltas, finished = await run(backend.generate(request))
+    assert backend.load().tokens_per_s == pytest.approx(finished.completion_tokens / 60.0)
+    (descriptor,) = await backend.descriptors()
+    assert descriptor == describe_hf_dir(model_dir, model_id="tiny-llama")
+
+
 async def test_greedy_tokens_match_mlx_lm(backend: MlxBackend, reference) -> None:
     _, tokenizer = reference
     request = GenerationRequest(model="tiny-llama", params=GREEDY, prompt="the quick")

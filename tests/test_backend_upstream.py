@@ -141,7 +141,18 @@ async def direct(base_url: str, path: str, body: dict) -> dict:
 # --- against the real server ---------------------------------------------------------
 
 
+async def warm(server: LlamaServer, text: str) -> None:
+    """Send the request once first. llama-cpp-python's server reuses the KV of the previous
+    prompt's common prefix, and greedy output evaluated that way differs from a cold
+    evaluation (on SmolLM2 from the third token); after one identical request, every
+    repeat is evaluated the same way, so ours and the reference can be compared."""
+    await direct(server.base_url, "/chat/completions", {
+        "model": "smol", "messages": [{"role": "user", "content": text}],
+        "max_tokens": 16, "temperature": 0.0, "top_p": 0.95, "seed": 7})
+
+
 async def test_stream_passes_tokens_through_and_counts_usage(server: LlamaServer, backend: UpstreamBackend) -> None:
+    await warm(server, "Name three colours.")
     deltas, finished = await collect(backend.generate(chat("Name three colours.")))
     reference = await direct(server.base_url, "/chat/completions", {
         "model": "smol", "messages": [{"role": "user", "content": "Name three colours."}],
@@ -160,6 +171,7 @@ async def test_stream_passes_tokens_through_and_counts_usage(server: LlamaServer
 
 async def test_non_stream_mode_keeps_upstream_usage(server: LlamaServer) -> None:
     b = UpstreamBackend(make_config(server.base_url, stream=False))
+    await warm(server, "Say hello.")
     try:
         deltas, finished = await collect(b.generate(chat("Say hello.")))
     finally:
@@ -205,11 +217,32 @@ async def test_embeddings_are_pooled_like_in_process_llama(backend: UpstreamBack
 
 
 async def test_descriptor_from_a_bare_listing_marks_unknowns(backend: UpstreamBackend) -> None:
-    (descriptor,) = backend.descriptors()
+    (descriptor,) = await backend.descriptors()
     assert descriptor.id == "smol" and descriptor.upstream_model == "smol"
     # llama-cpp-python's /v1/models says nothing about the model: nothing is invented.
     assert (descriptor.architecture, descriptor.parameter_count, descriptor.quantization,
             descriptor.file_sha256, descriptor.context_length) == (None, None, None, None, None)
+
+
+async def test_protocol_capabilities_health_and_tokens_per_s(backend: UpstreamBackend, server: LlamaServer) -> None:
+    from meshd.backends.base import Backend
+
+    assert isinstance(backend, Backend)
+    caps = backend.capabilities()
+    assert {"chat", "completion", "embeddings", "streaming", "json_object"} <= set(caps.names())
+    assert not caps.resume  # the OpenAI API cannot continue from given tokens
+    assert backend.health().status == "ok" and backend.health().reason is None
+    before = backend.load().tokens_per_s
+    _, finished = await collect(backend.generate(chat("Count to five")))
+    assert finished.completion_tokens > 0
+    assert backend.load().tokens_per_s == pytest.approx(before + finished.completion_tokens / 60.0)
+    down = UpstreamBackend(make_config(f"http://127.0.0.1:{free_port()}/v1", refresh_s=0))
+    await down.start()
+    try:
+        health = down.health()
+        assert health.status == "down" and "cannot connect" in (health.reason or "")
+    finally:
+        await down.close()
 
 
 async def test_unknown_upstream_model_is_a_mapped_error(server: LlamaServer) -> None:

@@ -129,6 +129,7 @@ async def test_supervised_llama_server_lifecycle(model_path: Path, caplog: pytes
     )
     backend = VllmBackend(config, on_event=events.append)
     assert backend.models()[0].state == "loading"
+    assert backend.health().status == "starting"
     request = GenerationRequest(model="smol", params=SamplingParams(max_tokens=4, temperature=0.0),
                                 messages=(ChatMessage("user", "hi"),))
     with pytest.raises(ServiceUnavailable):
@@ -139,6 +140,11 @@ async def test_supervised_llama_server_lifecycle(model_path: Path, caplog: pytes
         assert backend.models()[0].state == "ready"
         texts = [e.text async for e in backend.generate(request) if isinstance(e, TextGenerated)]
         assert "".join(texts)
+        assert backend.health().status == "ok" and backend.load().tokens_per_s > 0
+        assert "streaming" in backend.capabilities().names() and not backend.capabilities().resume
+        (descriptor,) = await backend.descriptors()
+        assert (descriptor.id, descriptor.backend, descriptor.upstream_model) == ("smol", "vllm", "smol")
+        assert descriptor.file_sha256 is None and descriptor.architecture is None  # the server does not say
         # Its output is in our log, line by line.
         child_lines = [r.getMessage() for r in caplog.records if r.name == "meshd.child"]
         assert any(f"127.0.0.1:{backend.port}" in line for line in child_lines), child_lines[-5:]
@@ -146,6 +152,7 @@ async def test_supervised_llama_server_lifecycle(model_path: Path, caplog: pytes
         os.kill(first_pid, signal.SIGKILL)
         await until(lambda: not backend.supervisor.ready, what="the supervisor to notice")
         assert backend.models()[0].state == "loading"
+        assert backend.health().status in ("down", "starting")  # restart scheduled, or starting again
         with pytest.raises(ServiceUnavailable, match="not ready"):
             backend.generate(request)
         # Straight to the adapter while the server is down: a typed failure, remembered ...

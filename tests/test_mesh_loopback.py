@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,16 @@ def meshctl(daemon, *args: str) -> dict:
                           "--json", *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def wait_for(predicate, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def peer_view(daemon, node_id: str) -> dict | None:
@@ -65,6 +76,58 @@ def test_untrusted_peers_get_only_a_refusal_then_connect_once_trusted(pair):
     assert view_b["rtt_ms"] is not None and view_b["rtt_ms"] < 100
     assert view_a["name"] == "beta" and "inbound" in view_a["sources"]
     assert view_b["roles"] == ["cache", "serve", "tensor", "use"]
+
+
+def test_tokens_per_s_and_model_identity_reach_a_peer(pair):
+    """A real generation on A shows up in B's view of A as recent tokens/s, beside A's model identity."""
+    import hashlib
+
+    import openai
+
+    a, b, id_a, id_b = pair
+    meshctl(a, "trust", "add", id_b)
+    meshctl(b, "trust", "add", id_a)
+    wait_state(b, id_a, {"connected"})
+    assert wait_for(lambda: (peer_view(b, id_a) or {}).get("load", {}).get("tokens_per_s") == 0, timeout=15)
+    client = openai.OpenAI(base_url=a.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    reply = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Once upon a time",
+                                      max_tokens=24, temperature=0)
+    tokens = reply.usage.completion_tokens
+    assert tokens > 0
+    view = wait_for(lambda: (v := peer_view(b, id_a)) and v["load"].get("tokens_per_s", 0) > 0 and v, timeout=15)
+    # the last minute's completion tokens over 60 s, rounded to one decimal
+    assert view["load"]["tokens_per_s"] == pytest.approx(tokens / 60.0, abs=0.051)
+    node = wait_for(lambda: (v := peer_view(b, id_a)["node"]) and v["accelerators"] is not None and v, timeout=15)
+    assert node["os"] == "linux" and node["cpu_count"] >= 1 and node["memory_bytes"] > 0
+    assert node["accelerators"] == []  # this machine has none, and says so
+    (model,) = view["models"]
+    assert "streaming" in model["capabilities"] and "resume" in model["capabilities"]
+    model = wait_for(lambda: (m := peer_view(b, id_a)["models"][0])["identity"] and m, timeout=30)
+    identity = model["identity"]
+    assert identity["architecture"] == "llama" and identity["format"] == "gguf"
+    assert model["sha256"] == identity["file_sha256"] and len(model["sha256"]) == 64
+    from conftest import _bundled_model
+
+    assert model["sha256"] == hashlib.sha256(_bundled_model().read_bytes()).hexdigest()
+
+
+def test_node_descriptor_is_honest():
+    from meshd.mesh.capabilities import cpu_model, detect_accelerators, node_descriptor
+
+    node = node_descriptor(detect_accelerators())
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        names = {line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")}
+        assert node["cpu_model"] in names
+    assert node["cpu_model"] == cpu_model()
+    gpu_nodes = [*Path("/dev").glob("nvidia[0-9]*"), Path("/dev/kfd"), Path("/dev/dxg"), Path("/dev/dri")]
+    if not any(p.exists() for p in gpu_nodes) and sys.platform != "darwin":
+        # No GPU device here: an RPC-enabled llama.cpp says "offload supported" all the same,
+        # and that must not turn into an invented accelerator.
+        assert node["accelerators"] == []
+    for accelerator in node["accelerators"]:
+        assert accelerator["type"] in ("gpu", "igpu") and accelerator["via"] in ("llama.cpp", "mlx", "device")
 
 
 def test_one_sided_trust_is_refused_with_a_clear_state(pair):

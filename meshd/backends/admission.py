@@ -5,17 +5,24 @@ the ``AdmittedStream`` it returns owns the request's ticket, so the counters
 are released however the iterator ends — exhausted, failed, cancelled, or
 closed before its first ``anext`` (when a generator's own ``finally`` would
 never run).
+
+``TokenRate`` and ``MeteredStream`` measure the other half of a backend's
+load: completion tokens per second over the last minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Literal
 
 from ..errors import QueueFull
-from .base import GenerationEvent
+from .base import GenerationEvent, GenerationFinished, TextGenerated
+
+TOKEN_RATE_WINDOW_S = 60.0
 
 
 class Admission:
@@ -90,4 +97,69 @@ class AdmittedStream:
             self._ticket.release()
 
 
-__all__ = ["Admission", "AdmittedStream", "Ticket"]
+class TokenRate:
+    """Completion tokens per second over a sliding window, kept in one-second buckets."""
+
+    def __init__(self, window_s: float = TOKEN_RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._buckets: deque[list[float]] = deque()  # [second, tokens]
+        self._total = 0
+
+    def add(self, tokens: int, now: float | None = None) -> None:
+        if tokens <= 0:
+            return
+        second = float(int(self._clock() if now is None else now))
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += tokens
+        else:
+            self._buckets.append([second, tokens])
+        self._total += tokens
+
+    def per_second(self, now: float | None = None) -> float:
+        now = self._clock() if now is None else now
+        while self._buckets and self._buckets[0][0] <= now - self.window_s:
+            self._total -= int(self._buckets.popleft()[1])
+        return self._total / self.window_s
+
+
+class MeteredStream:
+    """Counts the completion tokens a generation stream produces into a ``TokenRate``.
+
+    Deltas count their ``token_ids``; a backend whose deltas carry no ids (an
+    upstream's chunks) passes ``chunk_is_token``. The final event tops the
+    count up to its ``completion_tokens`` (less the ``resumed`` tokens another
+    node produced), so the total is exact whenever the backend's usage is.
+    """
+
+    def __init__(self, inner: AsyncIterator[GenerationEvent], rate: TokenRate, *, resumed: int = 0,
+                 chunk_is_token: bool = False) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._resumed = resumed
+        self._chunk_is_token = chunk_is_token
+        self._counted = 0
+
+    def __aiter__(self) -> MeteredStream:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        event = await self._inner.__anext__()
+        if isinstance(event, TextGenerated):
+            tokens = len(event.token_ids) or (1 if self._chunk_is_token and event.text else 0)
+        elif isinstance(event, GenerationFinished):
+            tokens = event.completion_tokens - self._resumed - self._counted
+        else:
+            tokens = 0
+        if tokens > 0:
+            self._counted += tokens
+            self._rate.add(tokens)
+        return event
+
+    async def aclose(self) -> None:
+        close = getattr(self._inner, "aclose", None)
+        if close is not None:
+            await close()
+
+
+__all__ = ["Admission", "AdmittedStream", "MeteredStream", "Ticket", "TokenRate"]

@@ -7,12 +7,16 @@ Nothing here knows about HTTP, JSON or asyncio transports.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..modelid import ModelDescriptor
 
 FinishReason = Literal["stop", "length", "cancelled"]
 ModelState = Literal["loading", "ready", "failed"]
+HealthStatus = Literal["ok", "starting", "degraded", "down"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,54 @@ class ModelInfo:
 class BackendLoad:
     in_flight: int
     queued: int
+    tokens_per_s: float = 0.0  # completion tokens per second over the last minute
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can do; the same for every model it serves."""
+
+    chat: bool = True
+    completion: bool = True
+    embeddings: bool = True
+    streaming: bool = True  # text arrives token by token (or chunk by chunk), not all at the end
+    json_object: bool = False  # response_format {"type": "json_object"}
+    json_schema: bool = False  # response_format {"type": "json_schema"}
+    resume: bool = False  # continues a generation from resume_token_ids (failover)
+    cancellation: bool = True  # closing the iterator stops the work within a token or a chunk
+
+    def names(self) -> list[str]:
+        """The capabilities it has, as wire names (sorted)."""
+        return sorted(f.name for f in fields(self) if getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """``ok``: every model ready; ``starting``: some still loading; ``degraded``: some
+    failed, some ready; ``down``: nothing can be served. ``reason`` says why when not ok."""
+
+    status: HealthStatus
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"status": self.status, "reason": self.reason}
+
+
+def health_of(models: Iterable[ModelInfo]) -> BackendHealth:
+    """A backend's health from its models' states (the usual ``health()``)."""
+    infos = list(models)
+    failed = [m for m in infos if m.state == "failed"]
+    loading = [m for m in infos if m.state == "loading"]
+    why = "; ".join(f"{m.id}: {m.error or 'failed'}" for m in failed) or None
+    if not infos:
+        return BackendHealth("down", "serves no models")
+    if len(failed) == len(infos):
+        return BackendHealth("down", why)
+    if failed:
+        return BackendHealth("degraded", why)
+    if loading:
+        return BackendHealth("starting", "loading: " + ", ".join(m.id for m in loading))
+    return BackendHealth("ok")
 
 
 @runtime_checkable
@@ -117,9 +169,22 @@ class Backend(Protocol):
 
     name: str
 
+    def capabilities(self) -> BackendCapabilities: ...
+
     def models(self) -> list[ModelInfo]: ...
 
+    def health(self) -> BackendHealth:
+        """Cheap (no I/O): from what the backend already knows."""
+        ...
+
     def load(self) -> BackendLoad: ...
+
+    async def descriptors(self) -> list[ModelDescriptor]:
+        """Identity of every model it serves; unknown fields are None, never guessed.
+
+        Hashing and file reads run in worker threads, never on the event loop.
+        """
+        ...
 
     async def start(self) -> None:
         """Load models; raises a MeshdError subclass if it cannot."""
@@ -138,6 +203,8 @@ class Backend(Protocol):
 
 __all__ = [
     "Backend",
+    "BackendCapabilities",
+    "BackendHealth",
     "BackendLoad",
     "ChatMessage",
     "EmbeddingRequest",
@@ -146,8 +213,10 @@ __all__ = [
     "GenerationEvent",
     "GenerationFinished",
     "GenerationRequest",
+    "HealthStatus",
     "ModelInfo",
     "ModelState",
     "SamplingParams",
     "TextGenerated",
+    "health_of",
 ]

@@ -5,6 +5,8 @@ before anything is sent); execution happens in the model's single-thread
 executor; events come back through ``call_soon_threadsafe``. A model's slot
 is released only when its worker thread has really finished, so a cancelled
 request can never overlap the next one on the same llama.cpp context.
+Embeddings run on a second context and thread of their own, beside
+generation, behind a queue bounded the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from dataclasses import dataclass, field
 
 from ..config import ModelSpec, ServingConfig
 from ..errors import BackendError, MeshdError, ModelNotFound, QueueFull, ServiceUnavailable
+from ..modelid import FileFactsCache, ModelDescriptor, describe_gguf_async
+from .admission import MeteredStream, TokenRate
 from .base import (
+    BackendCapabilities,
+    BackendHealth,
     BackendLoad,
     EmbeddingRequest,
     EmbeddingResult,
@@ -27,6 +33,7 @@ from .base import (
     GenerationRequest,
     ModelInfo,
     ModelState,
+    health_of,
 )
 from .llama_engine import LlamaEngine
 
@@ -48,6 +55,11 @@ class _Slot:
     running: int = 0
     waiting: int = 0
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Embeddings: their own context and thread (they may run beside a generation),
+    # and their own counters, bounded by the same serving.max_queue.
+    embed_running: int = 0
+    embed_waiting: int = 0
+    embed_turn: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class LlamaCppBackend:
@@ -55,8 +67,13 @@ class LlamaCppBackend:
 
     name = "llama.cpp"
 
-    def __init__(self, specs: Sequence[ModelSpec], serving: ServingConfig) -> None:
+    def __init__(self, specs: Sequence[ModelSpec], serving: ServingConfig,
+                 facts_cache: FileFactsCache | None = None) -> None:
         self._serving = serving
+        self.specs = tuple(specs)
+        self.identities: dict[str, dict] = {}  # model id -> ModelDescriptor.to_dict(), filled by descriptors()
+        self.facts_cache = facts_cache  # sha256 and GGUF facts, remembered across restarts
+        self._rate = TokenRate()
         self._slots: dict[str, _Slot] = {}
         for spec in specs:
             self._slots[spec.id] = _Slot(
@@ -106,16 +123,45 @@ class LlamaCppBackend:
                     embedding_length=slot.engine.embedding_length if ready else None,
                     state=slot.state,
                     error=slot.error,
-                    details={"path": str(slot.spec.path), "bundled": slot.spec.bundled},
+                    details={"path": str(slot.spec.path), "bundled": slot.spec.bundled,
+                             "sha256": self.identities.get(slot.spec.id, {}).get("file_sha256"),
+                             "identity": self.identities.get(slot.spec.id)},
                 )
             )
         return infos
 
     def load(self) -> BackendLoad:
         return BackendLoad(
-            in_flight=sum(s.running for s in self._slots.values()),
-            queued=sum(s.waiting for s in self._slots.values()),
+            in_flight=sum(s.running + s.embed_running for s in self._slots.values()),
+            queued=sum(s.waiting + s.embed_waiting for s in self._slots.values()),
+            tokens_per_s=self._rate.per_second(),
         )
+
+    def capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(json_object=True, json_schema=True, resume=True)
+
+    def health(self) -> BackendHealth:
+        return health_of(self.models())
+
+    async def descriptors(self) -> list[ModelDescriptor]:
+        """GGUF identity per model, read and hashed in a worker thread once (then remembered).
+
+        A file that cannot be read gets a descriptor with everything unknown (and
+        is tried again next time); a missing ``gguf`` package raises ImportError.
+        """
+        out = []
+        for spec in self.specs:
+            if spec.id not in self.identities:
+                try:
+                    described = await describe_gguf_async(spec.path, model_id=spec.id, aliases=spec.aliases,
+                                                          cache=self.facts_cache)
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot describe model", extra={"fields": {"model": spec.id, "error": str(exc)}})
+                    out.append(ModelDescriptor(id=spec.id, aliases=spec.aliases, backend=self.name))
+                    continue
+                self.identities[spec.id] = described.to_dict()
+            out.append(ModelDescriptor.from_dict(self.identities[spec.id]))
+        return out
 
     def _ready_slot(self, model: str) -> _Slot:
         slot = self._slots.get(model)
@@ -130,11 +176,11 @@ class LlamaCppBackend:
             raise ServiceUnavailable(f"The model '{model}' failed to load: {slot.error}", code="model_unavailable")
         return slot
 
-    def _admit(self, slot: _Slot) -> None:
-        busy = slot.running + slot.waiting
+    def _admit(self, slot: _Slot, busy: int, what: str = "") -> None:
+        """Refuse when ``busy`` (running + waiting) already fills one running and max_queue waiting."""
         if busy > self._serving.max_queue:
             raise QueueFull(
-                f"The queue for model '{slot.spec.id}' is full ({self._serving.max_queue} waiting); retry later",
+                f"The {what}queue for model '{slot.spec.id}' is full ({self._serving.max_queue} waiting); retry later",
                 retry_after=self._serving.retry_after_s,
             )
 
@@ -142,9 +188,9 @@ class LlamaCppBackend:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         slot = self._ready_slot(request.model)
-        self._admit(slot)
+        self._admit(slot, slot.running + slot.waiting)
         slot.waiting += 1  # counted from admission, so concurrent admits see it
-        return self._run(slot, request)
+        return MeteredStream(self._run(slot, request), self._rate, resumed=len(request.resume_token_ids))
 
     async def _run(self, slot: _Slot, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
@@ -197,9 +243,33 @@ class LlamaCppBackend:
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
         slot = self._ready_slot(request.model)
+        # Admission as for generation: without it every request would wait in
+        # the executor's unbounded queue, never refused, however long the wait.
+        self._admit(slot, slot.embed_running + slot.embed_waiting, "embedding ")
+        slot.embed_waiting += 1
+        try:
+            await slot.embed_turn.acquire()
+        finally:
+            slot.embed_waiting -= 1  # now running, or cancelled while it waited
+        slot.embed_running += 1
+
+        def release(job: asyncio.Future[object] | None) -> None:
+            slot.embed_running -= 1
+            slot.embed_turn.release()
+            if job is not None and not job.cancelled():
+                job.exception()  # retrieved here too: the caller may have gone away
+
         loop = asyncio.get_running_loop()
         try:
-            vectors, tokens = await loop.run_in_executor(slot.embed_executor, slot.engine.embed, request.inputs)
+            job = loop.run_in_executor(slot.embed_executor, slot.engine.embed, request.inputs)
+        except RuntimeError as exc:  # the executor is shut down: the daemon is stopping
+            release(None)
+            raise BackendError(f"embedding failed: {exc}") from exc
+        # The turn is released when the thread has finished, not when the caller
+        # stops waiting: a client that goes away cannot make two embeddings overlap.
+        job.add_done_callback(release)
+        try:
+            vectors, tokens = await asyncio.shield(job)
         except MeshdError:
             raise
         except (ValueError, RuntimeError) as exc:

@@ -38,9 +38,11 @@ from ..errors import (
     ServiceUnavailable,
     UnsupportedParameter,
 )
-from ..modelid import ModelDescriptor, describe_hf_dir
-from .admission import Admission, AdmittedStream, Ticket
+from ..modelid import FileFactsCache, ModelDescriptor, describe_hf_dir
+from .admission import Admission, AdmittedStream, MeteredStream, Ticket, TokenRate
 from .base import (
+    BackendCapabilities,
+    BackendHealth,
     BackendLoad,
     EmbeddingRequest,
     EmbeddingResult,
@@ -51,6 +53,7 @@ from .base import (
     ModelState,
     SamplingParams,
     TextGenerated,
+    health_of,
 )
 from .llama_engine import find_stop, stop_holdback, utf8_safe_end
 
@@ -78,8 +81,12 @@ def is_apple_silicon() -> bool:
     return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
-def mlx_availability(allow_cpu: bool = False) -> tuple[bool, str]:
-    """(usable, why): whether MLX models can run here, and a sentence saying why (not)."""
+def mlx_preflight(allow_cpu: bool = False) -> tuple[bool, str]:
+    """(usable, why) from the platform and the installed packages alone: cheap, imports nothing.
+
+    Off Apple Silicon a "usable" verdict still needs ``mlx_cpu_problem()`` to
+    confirm the CPU build really runs.
+    """
     installed = all(importlib.util.find_spec(name) is not None for name in ("mlx", "mlx_lm"))
     host = f"{sys.platform}/{platform.machine()}"
     if is_apple_silicon():
@@ -93,13 +100,28 @@ def mlx_availability(allow_cpu: bool = False) -> tuple[bool, str]:
         )
     if not installed:
         return False, f"MLX's CPU build is not installed on this {host} host: pip install 'mlx[cpu]' mlx-lm"
+    return True, f"MLX CPU build on {host} (no Metal: slower than llama.cpp here)"
+
+
+def mlx_cpu_problem() -> str | None:
+    """Blocking (imports mlx.core and computes): why MLX's CPU build does not run here, or None."""
     try:
         import mlx.core as mx
 
         mx.eval(mx.array([1.0]) + 1)  # the CPU build loads and computes
     except (ImportError, OSError, RuntimeError) as exc:
-        return False, f"MLX is installed but does not run on this {host} host: {exc}"
-    return True, f"MLX CPU build on {host} (no Metal: slower than llama.cpp here)"
+        return f"MLX is installed but does not run on this {sys.platform}/{platform.machine()} host: {exc}"
+    return None
+
+
+def mlx_availability(allow_cpu: bool = False) -> tuple[bool, str]:
+    """(usable, why): whether MLX models can run here, and a sentence saying why (not). Blocking."""
+    usable, why = mlx_preflight(allow_cpu)
+    if usable and not is_apple_silicon():
+        problem = mlx_cpu_problem()
+        if problem is not None:
+            return False, problem
+    return usable, why
 
 
 def _processors(params: SamplingParams) -> list[Any]:
@@ -289,8 +311,10 @@ class MlxEngine:
 class MlxBackend:
     """One MLX model served in-process."""
 
-    def __init__(self, config: MlxConfig) -> None:
-        usable, why = mlx_availability(config.allow_cpu)
+    def __init__(self, config: MlxConfig, facts_cache: FileFactsCache | None = None) -> None:
+        # Cheap checks only (platform, packages): a config that cannot run here is
+        # rejected at once. Importing mlx.core is slow; start() does it off the loop.
+        usable, why = mlx_preflight(config.allow_cpu)
         if not usable:
             raise BackendUnavailable(f"MLX backend for '{config.local_id}' unavailable: {why}", code="mlx_unavailable")
         self.config = config
@@ -299,13 +323,23 @@ class MlxBackend:
         self.engine = MlxEngine(config)
         self.state: ModelState = "loading"
         self.error: str | None = None
+        self.facts_cache = facts_cache
+        self._described: list[ModelDescriptor] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"mlx-{config.local_id}")
         self._admission = Admission(1, config.max_queue, config.retry_after_s)
+        self._rate = TokenRate()
+
+    def _check_and_load(self) -> None:
+        problem = None if is_apple_silicon() else mlx_cpu_problem()
+        if problem is not None:
+            raise BackendUnavailable(f"MLX backend for '{self.config.local_id}' unavailable: {problem}",
+                                     code="mlx_unavailable")
+        self.engine.load()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self.engine.load)
+            await loop.run_in_executor(self._executor, self._check_and_load)
         except MeshdError as exc:
             self.state, self.error = "failed", exc.message
             log.error("model failed to load", extra={"fields": {"model": self.config.local_id, "error": exc.message}})
@@ -327,15 +361,30 @@ class MlxBackend:
             state=self.state, error=self.error, details={"model": self.config.model, "runtime": self.runtime},
         )]
 
-    def descriptors(self) -> list[ModelDescriptor]:
-        """Blocking when the weights are not hashed yet: call from a worker thread."""
+    def capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(json_object=False, json_schema=False, resume=True)
+
+    def health(self) -> BackendHealth:
+        return health_of(self.models())
+
+    def _describe(self) -> ModelDescriptor:
         path = self.engine.path or Path(self.config.model)
-        if not (path / "config.json").is_file():
-            return [ModelDescriptor(id=self.config.local_id, aliases=self.config.aliases, backend="mlx")]
-        return [describe_hf_dir(path, model_id=self.config.local_id, aliases=self.config.aliases)]
+        if not (path / "config.json").is_file():  # a repo id: mlx-lm's download cache is not ours to read
+            return ModelDescriptor(id=self.config.local_id, aliases=self.config.aliases, backend="mlx")
+        return describe_hf_dir(path, model_id=self.config.local_id, aliases=self.config.aliases, cache=self.facts_cache)
+
+    async def descriptors(self) -> list[ModelDescriptor]:
+        """Hashes the weights in a worker thread, once the model has loaded (then remembered)."""
+        if self._described is not None:
+            return list(self._described)
+        described = [await asyncio.to_thread(self._describe)]
+        if self.state == "ready":
+            self._described = described
+        return described
 
     def load(self) -> BackendLoad:
-        return BackendLoad(in_flight=self._admission.in_flight, queued=self._admission.queued)
+        return BackendLoad(in_flight=self._admission.in_flight, queued=self._admission.queued,
+                           tokens_per_s=self._rate.per_second())
 
     def _check(self, model: str) -> None:
         if model != self.config.local_id:
@@ -353,7 +402,8 @@ class MlxBackend:
             raise UnsupportedParameter("the MLX backend cannot constrain output to a response_format",
                                        param="response_format")
         ticket = self._admission.admit(f"model '{request.model}'")
-        return AdmittedStream(self._run(ticket, request), ticket)
+        return MeteredStream(AdmittedStream(self._run(ticket, request), ticket), self._rate,
+                             resumed=len(request.resume_token_ids))
 
     async def _run(self, ticket: Ticket, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         loop = asyncio.get_running_loop()
@@ -391,4 +441,5 @@ class MlxBackend:
         return EmbeddingResult(vectors=tuple(tuple(v) for v in vectors), prompt_tokens=tokens)
 
 
-__all__ = ["MlxBackend", "MlxConfig", "MlxEngine", "is_apple_silicon", "mlx_availability"]
+__all__ = ["MlxBackend", "MlxConfig", "MlxEngine", "is_apple_silicon", "mlx_availability", "mlx_cpu_problem",
+           "mlx_preflight"]

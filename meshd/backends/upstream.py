@@ -32,8 +32,10 @@ from ..errors import (
 )
 from ..modelid import ModelDescriptor, describe_upstream
 from . import openai_wire as wire
-from .admission import Admission, AdmittedStream, Ticket
+from .admission import Admission, AdmittedStream, MeteredStream, Ticket, TokenRate
 from .base import (
+    BackendCapabilities,
+    BackendHealth,
     BackendLoad,
     EmbeddingRequest,
     EmbeddingResult,
@@ -43,6 +45,7 @@ from .base import (
     ModelInfo,
     ModelState,
     TextGenerated,
+    health_of,
 )
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,7 @@ class UpstreamBackend:
         self._admission = Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
         self._embed_slots = asyncio.Semaphore(config.max_in_flight)
         self._refresher: asyncio.Task[None] | None = None
+        self._rate = TokenRate()
         self.started = False
 
     # --- lifecycle -------------------------------------------------------------
@@ -268,14 +272,24 @@ class UpstreamBackend:
             )
         return infos
 
-    def descriptors(self) -> list[ModelDescriptor]:
+    def capabilities(self) -> BackendCapabilities:
+        # response_format is passed through: the upstream enforces it (vLLM,
+        # llama-server, Ollama and LM Studio do). The OpenAI API cannot resume.
+        return BackendCapabilities(streaming=self.config.stream, json_object=True, json_schema=True, resume=False)
+
+    def health(self) -> BackendHealth:
+        return health_of(self.models())
+
+    async def descriptors(self) -> list[ModelDescriptor]:
+        """From what the upstream said at its last ``/v1/models`` look (no I/O here)."""
         return [
             describe_upstream(m.entry, model_id=m.local_id, upstream_model=m.upstream_model, backend=self.kind, ollama=m.ollama)
             for m in self._models.values()
         ]
 
     def load(self) -> BackendLoad:
-        return BackendLoad(in_flight=self._admission.in_flight, queued=self._admission.queued)
+        return BackendLoad(in_flight=self._admission.in_flight, queued=self._admission.queued,
+                           tokens_per_s=self._rate.per_second())
 
     def _model(self, local_id: str) -> _Model:
         model = self._models.get(local_id)
@@ -304,7 +318,8 @@ class UpstreamBackend:
         # Parameters the upstream cannot take are refused here, before anything is sent.
         wire.request_body(request, model.upstream_model, cfg.dialect, stream=cfg.stream, include_usage=cfg.stream_usage)
         ticket = self._admission.admit(f"upstream '{cfg.name}'")
-        return AdmittedStream(self._run(ticket, model, request, time.perf_counter()), ticket)
+        stream = AdmittedStream(self._run(ticket, model, request, time.perf_counter()), ticket)
+        return MeteredStream(stream, self._rate, chunk_is_token=True)
 
     async def _run(
         self, ticket: Ticket, model: _Model, request: GenerationRequest, admitted: float
@@ -338,7 +353,9 @@ class UpstreamBackend:
         chat = request.messages is not None
         body = wire.request_body(request, model.upstream_model, cfg.dialect, stream=cfg.stream, include_usage=cfg.stream_usage)
         url = f"{self._base}/{'chat/completions' if chat else 'completions'}"
-        headers = {"X-Request-Id": request.request_id} if request.request_id else {}
+        # No X-Request-Id: llama-cpp-python's server (starlette-context) rejects
+        # any value that is not a bare UUID with a 400 and no details.
+        headers: dict[str, str] = {}
         try:
             resp = await self._client().post(url, json=body, headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -24,12 +24,15 @@ from pathlib import Path
 from ..errors import BackendUnavailable, ServiceUnavailable
 from ..modelid import ModelDescriptor
 from .base import (
+    BackendCapabilities,
+    BackendHealth,
     BackendLoad,
     EmbeddingRequest,
     EmbeddingResult,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
+    health_of,
 )
 from .supervisor import ChildReady, ProcessSupervisor, SupervisorConfig, SupervisorEvent
 from .upstream import UpstreamBackend, UpstreamConfig
@@ -205,8 +208,16 @@ class VllmBackend:
             ))
         return infos
 
-    def descriptors(self) -> list[ModelDescriptor]:
-        return [replace(d, aliases=self.config.aliases) for d in self.upstream.descriptors()]
+    def capabilities(self) -> BackendCapabilities:
+        return self.upstream.capabilities()
+
+    def health(self) -> BackendHealth:
+        if self.supervisor.state == "backoff":
+            return BackendHealth("down", f"the vLLM process exited; restart {self.supervisor.restarts + 1} is scheduled")
+        return health_of(self.models())  # loading while the child starts, failed if it cannot
+
+    async def descriptors(self) -> list[ModelDescriptor]:
+        return [replace(d, aliases=self.config.aliases) for d in await self.upstream.descriptors()]
 
     def load(self) -> BackendLoad:
         return self.upstream.load()

@@ -170,6 +170,7 @@ class MeshService:
                 record.name = str(payload.get("name") or record.name)[:64]
                 record.models = list(payload.get("models", []))
                 record.load = dict(payload.get("load", {}))
+                record.node = dict(payload.get("node") or {})
                 record.api_port = payload.get("api_port", record.api_port)
                 if isinstance(payload.get("quic_port"), int) and not link.is_client:
                     record.add_address(link.addr[0], payload["quic_port"])
