@@ -163,6 +163,18 @@ def test_requests_per_minute_are_exact_under_concurrency(keyed):
     assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+def test_a_tenant_limit_binds_all_its_keys_together(keyed):
+    meshctl(keyed.state_dir, "tenants", "set", "team", "--rpm", "3")
+    _, first = create_key(keyed.state_dir, "team-a", "--tenant", "team")
+    _, second = create_key(keyed.state_dir, "team-b", "--tenant", "team", "--rpm", "10")
+    results = _parallel(keyed, first, 2, max_tokens=1) + _parallel(keyed, second, 3, max_tokens=1)
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(refused) == 2 and len(results) - len(refused) == 3, results
+    assert "Rate limit reached for tenant team" in refused[0].body["message"]
+    listed = json.loads(meshctl(keyed.state_dir, "--json", "tenants", "list").stdout)["tenants"]
+    assert {"name": "team", "rpm": 3} == {"name": listed[-1]["name"], "rpm": listed[-1]["limits"]["rpm"]}
+
+
 def test_tokens_per_minute_reserve_max_tokens_then_settle(keyed):
     # "hi" estimates to 1 prompt token: each request reserves 1 + 40; a limit of 100 admits exactly 2 at once.
     _, secret = create_key(keyed.state_dir, "tpm100", "--tpm", "100")

@@ -19,11 +19,21 @@ from typing import Any
 from ..config import DEFAULT_STATE_DIR
 
 DATA_CLASSES = ("public", "internal", "confidential", "secret")
-COMMANDS = ("keys", "receipts", "usage")
+COMMANDS = ("keys", "tenants", "receipts", "usage")
 
 
 class LocalUsageError(Exception):
     """Bad input or a refused change: exit code 2."""
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", help="comma-separated model ids or globs (default: all)")
+    parser.add_argument("--rpm", type=int, help="requests per minute")
+    parser.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
+    parser.add_argument("--tokens-per-day", type=int, help="tokens per UTC day")
+    parser.add_argument("--max-data-class", choices=DATA_CLASSES, default="secret",
+                        help="the most sensitive data class its requests may carry (default: secret)")
+    parser.add_argument("--note", default="", help="a free-text note")
 
 
 def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -32,19 +42,22 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     create = keys_cmds.add_parser("create", parents=[common], help="create a key and print its secret once")
     create.add_argument("--name", required=True, help="a name for the key, unique among live keys")
     create.add_argument("--tenant", default="default", help="the tenant whose limits also apply (default: default)")
-    create.add_argument("--models", help="comma-separated model ids or globs this key may use (default: all)")
-    create.add_argument("--rpm", type=int, help="requests per minute")
-    create.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
-    create.add_argument("--tokens-per-day", type=int, help="tokens per UTC day")
-    create.add_argument("--max-data-class", choices=DATA_CLASSES, default="secret",
-                        help="the most sensitive data class its requests may carry (default: secret)")
     create.add_argument("--expires", help="YYYY-MM-DD, an ISO date-time, or a duration such as 30d, 12h")
-    create.add_argument("--note", default="", help="a free-text note")
+    _limit_options(create)
     keys_cmds.add_parser("list", parents=[common], help="every key, revoked ones too")
     show = keys_cmds.add_parser("show", parents=[common], help="one key")
     show.add_argument("key", metavar="KEY", help="a key id, name or the secret itself")
     revoke = keys_cmds.add_parser("revoke", parents=[common], help="revoke a key (refused from the next request)")
     revoke.add_argument("key", metavar="KEY", help="a key id, name or the secret itself")
+
+    tenants = commands.add_parser("tenants", parents=[common], help="limits shared by all keys of a tenant")
+    tenant_cmds = tenants.add_subparsers(dest="tenants_command", metavar="ACTION", required=True)
+    tenant_set = tenant_cmds.add_parser("set", parents=[common], help="configure (or replace) a tenant's limits")
+    tenant_set.add_argument("name", metavar="TENANT")
+    _limit_options(tenant_set)
+    tenant_cmds.add_parser("list", parents=[common], help="configured tenants and those named by keys")
+    tenant_remove = tenant_cmds.add_parser("remove", parents=[common], help="drop a tenant's limits")
+    tenant_remove.add_argument("name", metavar="TENANT")
 
     receipts = commands.add_parser("receipts", parents=[common], help="the hash-chained per-request receipts")
     receipts.add_argument("action", nargs="?", choices=["verify"], help="verify: check the whole chain")
@@ -66,6 +79,8 @@ def run(args: argparse.Namespace, env: dict[str, str]) -> tuple[Any, str]:
     root = state_dir(args, env)
     if args.command == "keys":
         return keys_command(args, root)
+    if args.command == "tenants":
+        return tenants_command(args, root)
     if args.command == "usage":
         return usage_command(args, root)
     return receipts_command(args, root)
@@ -110,6 +125,29 @@ def keys_command(args: argparse.Namespace, root: Path) -> tuple[Any, str]:
         if action == "revoke":
             return {"revoked": body}, f"revoked {record.key_id} ({record.name})"
         return body, "\n".join(f"{k + ':':15} {v if v not in (None, '') else '-'}" for k, v in body.items())
+    except (KeyStoreError, ValueError) as exc:
+        raise LocalUsageError(getattr(exc, "message", None) or str(exc)) from None
+
+
+def tenants_command(args: argparse.Namespace, root: Path) -> tuple[Any, str]:
+    from ..auth import DataClass, KeyStore, KeyStoreError, Limits, TenantRecord, parse_models
+    from .meshctl import table
+
+    try:
+        store = KeyStore.open(root)
+        if args.tenants_command == "set":
+            tenant = store.set_tenant(TenantRecord(
+                args.name, limits=Limits(rpm=args.rpm, tpm=args.tpm, tokens_per_day=args.tokens_per_day),
+                models=parse_models(args.models), max_data_class=DataClass.parse(args.max_data_class),
+                note=args.note))
+            return tenant.to_dict(), f"tenant {tenant.name} configured"
+        if args.tenants_command == "remove":
+            store.remove_tenant(args.name)
+            return {"removed": args.name}, f"tenant {args.name} removed; its keys keep their own limits"
+        tenants = [t.to_dict() for t in store.tenants()]
+        rows = [[t["name"], ",".join(f"{k}={v}" for k, v in t["limits"].items() if v is not None) or "-",
+                 ",".join(t["models"] or ["*"]), t["max_data_class"]] for t in tenants]
+        return {"tenants": tenants}, table(rows, ["TENANT", "LIMITS", "MODELS", "MAX CLASS"]) if rows else "no tenants"
     except (KeyStoreError, ValueError) as exc:
         raise LocalUsageError(getattr(exc, "message", None) or str(exc)) from None
 
