@@ -116,6 +116,9 @@ class RoutingConfig:
     max_attempts: int = 3  # candidates tried for one request (failover bound)
     breaker_threshold: int = 3
     breaker_cooldown_s: float = 30.0
+    first_token_timeout_s: float = 30.0  # an attempt that stays silent this long fails over
+    stall_timeout_s: float = 30.0  # a serving peer silent this long mid-stream is given up
+    request_deadline_s: float = 600.0  # the whole budget until the first token, failovers included
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,9 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "routing.max_attempts": (_parse_int(1), None),
     "routing.breaker_threshold": (_parse_int(1), None),
     "routing.breaker_cooldown_s": (_parse_float, None),
+    "routing.first_token_timeout_s": (_parse_float, None),
+    "routing.stall_timeout_s": (_parse_float, None),
+    "routing.request_deadline_s": (_parse_float, None),
     "mesh.peer_timeout_s": (_parse_float, "MESHD_MESH_PEER_TIMEOUT_S"),
     "serving.n_threads": (_parse_int(0), "MESHD_N_THREADS"),
     "serving.retry_after_s": (_parse_int(1), None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import openai
 import pytest
@@ -21,8 +22,6 @@ def entry_and_server(daemon_factory):
     meshctl(server, "trust", "add", id_e)
     meshctl(entry, "trust", "add", id_s)
     wait_state(entry, id_s, {"connected"})
-    import time
-
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not meshctl(entry, "models")["models"]:
         time.sleep(0.2)
@@ -51,6 +50,11 @@ def test_request_to_a_modelless_node_is_served_by_the_peer(entry_and_server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct
     assert chunks[-1].usage.completion_tokens > 0
     assert "serving request for peer" in server.log()
+    deadline = time.monotonic() + 5  # the trace is logged when the response is closed
+    while time.monotonic() < deadline and entry.log().count("route finished") < 2:
+        time.sleep(0.1)
+    finished = [line for line in entry.log().splitlines() if "route finished" in line]
+    assert len(finished) == 2 and all("outcome=served" in line for line in finished), finished
     models = [m.id for m in client(entry).models.list().data]
     assert models == ["SmolLM2-135M-Instruct.Q4_1"]
 
@@ -87,6 +91,7 @@ def test_meshctl_models_and_route(entry_and_server):
         ("SmolLM2-135M-Instruct.Q4_1", "peer", id_s)]
     route = meshctl(entry, "route", "--model", "smollm2")
     assert route["chosen"]["target"] == id_s and route["strategy"] == "local-first"
+    assert {"score", "tokens_per_s", "speed_source", "recent_failures"} <= set(route["chosen"])
     secret = meshctl(entry, "route", "--model", "smollm2", "--data-class", "secret")
     assert secret["error"]["code"] == "data_class_forbidden"
     local = meshctl(server, "route", "--model", "smollm2")

@@ -34,6 +34,8 @@ def three_nodes(lab_factory, netns_daemons, monkeypatch, model_path):  # noqa: F
     """A: no model (entry); B and C serve SmolLM2. A trusts B and C with serve; B and C trust A with use."""
     for key, value in FAST.items():
         monkeypatch.setenv(key, value)
+    # The API listens beyond loopback here; these tests are about routing, not API keys.
+    monkeypatch.setenv("MESHD_INSECURE_NO_AUTH", "1")
     lab = lab_factory(3)
     a = netns_daemons(lab.hosts[0], "--no-default-model")
     b = netns_daemons(lab.hosts[1])
@@ -103,6 +105,11 @@ def test_kill_9_of_the_serving_peer_mid_stream_is_invisible_to_the_client(three_
     assert killed_after is not None and killed_after < len(expected)
     assert "".join(text) == expected
     assert "route attempt failed" in a.log()
+    # the final trace of the request is an event too: served, after a failover from the killed node
+    assert wait_until(lambda: "route finished" in a.log(), 5)  # logged when the response is closed
+    finished = [line for line in a.log().splitlines() if "route finished" in line][-1]
+    killed_id = raw.headers["x-meshd-node"]
+    assert "outcome=served" in finished and f"failures=peer:{killed_id[:15]}" in finished, finished
 
 
 def test_client_disconnect_stops_generation_on_the_serving_peer(three_nodes):

@@ -44,9 +44,15 @@ class PeerFailed(ServiceUnavailable):
     code = "peer_unavailable"
 
 
+class DeadlineMissed(ServiceUnavailable):
+    status = 504
+    code = "deadline_exceeded"
+
+
 class RequestMux:
-    def __init__(self, catalog: ModelCatalog) -> None:
+    def __init__(self, catalog: ModelCatalog, gate: Any = None) -> None:
         self.catalog = catalog
+        self.gate = gate  # meshd.api.gate.AccessGate: checks the entry node's verdict
         self._calls: dict[tuple[int, int], asyncio.Queue[Event]] = {}
         self._serving: dict[tuple[int, int], asyncio.Task] = {}
         self._writable: dict[tuple[int, int], asyncio.Event] = {}
@@ -94,6 +100,9 @@ class RequestMux:
         log.info("serving request for peer", extra=fields(peer=str(link.node_id), request_id=frame.request_id,
                                                           model=frame.model, kind=frame.kind))
         try:
+            if self.gate is not None:
+                # Quotas were charged at the entry node; here we only check its signed verdict.
+                self.gate.verify_forwarded(link.node_id, frame.verdict)
             resolved = self.catalog.resolve(frame.model)
             if frame.kind == "embedding":
                 result = await resolved.backend.embed(embedding_from_body(resolved.model_id, frame.body,
@@ -105,7 +114,7 @@ class RequestMux:
                 request = generation_from_body(resolved.model_id, frame.body, frame.request_id)
                 request = replace(request, resume_token_ids=tuple(frame.resume_token_ids or ()),
                                   resume_text=frame.resume_text or "")
-                await self._stream_to_peer(link, sid, resolved.backend.generate(request))
+                await self._stream_to_peer(link, sid, resolved.backend.generate(request), event.deadline_at)
         except MeshdError as exc:
             if link.session is not None and not link.closed:
                 session.send_request_error(sid, exc.code, exc.message, exc.status)
@@ -119,28 +128,50 @@ class RequestMux:
             if not link.closed:
                 link.flush()
 
-    async def _stream_to_peer(self, link: PeerLink, sid: int, events: AsyncIterator[GenerationEvent]) -> None:
+    async def _stream_to_peer(self, link: PeerLink, sid: int, events: AsyncIterator[GenerationEvent],
+                              deadline_at: float | None = None) -> None:
+        """Stream a generation back; ``deadline_at`` (session clock) bounds the wait for the first token.
+
+        The entry node's deadline covers the time until the response starts: past it the entry
+        node has moved on, so a request still queued or prefilling here is dropped with a
+        ``deadline_exceeded`` error instead of occupying the backend.
+        """
         session = link.session
         key = (id(link), sid)
         try:
+            if deadline_at is not None:
+                try:
+                    async with asyncio.timeout(max(deadline_at - clock(), 0.0)):
+                        first = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    log.info("forwarded request missed its deadline", extra=fields(peer=str(link.node_id)))
+                    raise DeadlineMissed("no first token within the entry node's deadline") from None
+                await self._send_event(link, sid, first)
             async for item in events:
-                if isinstance(item, TextGenerated):
-                    session.send_token(sid, item.text, token_ids=item.token_ids)
-                    link.flush()
-                    if not session.is_writable(sid):  # the entry node reads slowly: wait, bounded memory
-                        flag = self._writable[key] = asyncio.Event()
-                        await flag.wait()
-                else:
-                    session.send_token(sid, "", finish_reason=item.finish_reason)
-                    session.send_usage(sid, item.prompt_tokens, item.completion_tokens)
+                await self._send_event(link, sid, item)
         finally:
             self._writable.pop(key, None)
             await events.aclose()
 
+    async def _send_event(self, link: PeerLink, sid: int, item: GenerationEvent) -> None:
+        session = link.session
+        if isinstance(item, TextGenerated):
+            session.send_token(sid, item.text, token_ids=item.token_ids)
+            link.flush()
+            if not session.is_writable(sid):  # the entry node reads slowly: wait, bounded memory
+                flag = self._writable[(id(link), sid)] = asyncio.Event()
+                await flag.wait()
+        else:
+            session.send_token(sid, "", finish_reason=item.finish_reason)
+            session.send_usage(sid, item.prompt_tokens, item.completion_tokens)
+
     # --- entry side ------------------------------------------------------------------
 
     async def remote_generate(self, link: PeerLink, request: GenerationRequest, data_class: str,
-                              deadline_s: float | None = None) -> AsyncIterator[GenerationEvent]:
+                              deadline_s: float | None = None,
+                              verdict: bytes | None = None) -> AsyncIterator[GenerationEvent]:
         session = link.session
         if session is None or link.closed or not session.established:
             raise PeerFailed(f"peer {link.node_id} is not connected")
@@ -148,7 +179,7 @@ class RequestMux:
             request_id=request.request_id or "req", kind="chat" if request.messages is not None else "completion",
             model=request.model, body=generation_body(request), data_class=data_class, stream=True,
             deadline=deadline_s, resume_text=request.resume_text or None,
-            resume_token_ids=request.resume_token_ids or None,
+            resume_token_ids=request.resume_token_ids or None, verdict=verdict,
         )
         sid, queue = self._open(link, frame)
         finished = False
@@ -178,12 +209,13 @@ class RequestMux:
                 link.session.cancel_request(sid, clock(), reason="client went away")
                 link.flush()
 
-    async def remote_embed(self, link: PeerLink, request: Any, data_class: str) -> dict[str, Any]:
+    async def remote_embed(self, link: PeerLink, request: Any, data_class: str,
+                           verdict: bytes | None = None) -> dict[str, Any]:
         session = link.session
         if session is None or link.closed or not session.established:
             raise PeerFailed(f"peer {link.node_id} is not connected")
         frame = InferenceRequest(request_id=request.request_id or "req", kind="embedding", model=request.model,
-                                 body=embedding_body(request), data_class=data_class)
+                                 body=embedding_body(request), data_class=data_class, verdict=verdict)
         sid, queue = self._open(link, frame)
         body: dict[str, Any] = {}
         try:
@@ -214,4 +246,4 @@ class RequestMux:
         return error_from_wire(event.code, event.message, event.http_status)
 
 
-__all__ = ["PeerFailed", "RequestMux"]
+__all__ = ["DeadlineMissed", "PeerFailed", "RequestMux"]

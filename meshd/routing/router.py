@@ -1,15 +1,30 @@
 """Which node serves a request: candidates, policy, scores, and the reason.
 
 Pure decisions over a snapshot of the world (local models and load, the peer
-table, live sessions, trust, breakers); no I/O. Every decision carries the
-scored candidates and why each excluded node was excluded, for the route
-header, the decision event and ``meshctl route``.
+table, live sessions, trust, breakers, measured speeds); no I/O and no side
+effects, so ``meshctl route`` can preview a decision without changing anything.
+Every decision carries the scored candidates and why each excluded node was
+excluded, for the route header, the decision event and ``meshctl route``.
+
+Scoring (lower is better; docs/routing.md has the rationale)::
+
+    busy    = in_flight + queued
+    speed   = clamp(ref_tps / tokens_per_s, 1/4, 4)    # 1 when tokens/s is unknown
+    score   = (busy + 1) * speed + FAILURE_PENALTY * recent_failures
+
+``tokens_per_s`` estimates the node's capacity (tokens/s it can produce): the
+rate this node measured on its own streams from that node, raised to the rate
+the node publishes (its completion tokens over the last minute, a lower bound
+of its capacity: 0 when it was idle). A rate known only from the published
+lower bound can show a node fast, never slow (its factor is at most 1).
+``ref_tps`` is the median rate of the candidates of this decision that have
+one, so a node measured twice as slow as its peers counts its queue twice.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..catalog import ModelCatalog
@@ -18,6 +33,11 @@ from ..errors import MeshdError, ModelNotFound, ServiceUnavailable
 from .breaker import CircuitBreakers
 
 LOCAL = "local"
+
+# Scoring constants (docs/routing.md); deadlines are routing.* settings in RoutingConfig.
+FAILURE_PENALTY = 2.0  # one recent failure weighs like two queued requests
+SPEED_CLAMP = 4.0
+THROUGHPUT_EWMA = 0.3  # weight of the newest tokens/s measurement
 
 
 class DataClassForbidden(MeshdError):
@@ -40,10 +60,18 @@ class Candidate:
     rtt_ms: float | None = None
     load: dict[str, Any] = field(default_factory=dict)
     identity: str | None = None  # file sha256 when known: failover/resume need the same one
+    tokens_per_s: float | None = None  # speed estimate; None = unknown
+    speed_source: str | None = None  # "measured" (streams seen here), "published" (a lower bound only)
+    recent_failures: int = 0
+    features: tuple[str, ...] | None = None  # backend capabilities (e.g. "resume") when known
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "name": self.name, "model": self.model_id, "score": round(self.score, 3),
-                "reason": self.reason, "rtt_ms": self.rtt_ms, "load": self.load, "identity": self.identity}
+                "reason": self.reason, "rtt_ms": self.rtt_ms, "load": self.load, "identity": self.identity,
+                "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2),
+                "speed_source": self.speed_source,
+                "recent_failures": self.recent_failures,
+                "capabilities": None if self.features is None else list(self.features)}
 
 
 @dataclass(frozen=True)
@@ -70,6 +98,48 @@ def _matches(model: dict[str, Any], name: str) -> bool:
     return name == model.get("id") or name in (model.get("aliases") or ())
 
 
+def _number(value: Any) -> float | None:
+    """A positive finite number from a peer's load dict, else None (unknown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if 0 < value < float("inf") else None
+
+
+def _busy(load: dict[str, Any]) -> float:
+    total = 0.0
+    for key in ("in_flight", "queued"):
+        value = load.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            total += float(value)
+    return total
+
+
+def score(busy: float, tokens_per_s: float | None, ref_tps: float | None, recent_failures: int,
+          lower_bound: bool = False) -> float:
+    """The candidate score (lower is better); see the module docstring.
+
+    ``lower_bound``: ``tokens_per_s`` is only a lower bound of the node's speed (its published
+    rate, with no stream measured here), so it may lower the score but never raise it.
+    """
+    speed = 1.0
+    if tokens_per_s is not None and ref_tps is not None:
+        speed = min(SPEED_CLAMP, max(1.0 / SPEED_CLAMP, ref_tps / tokens_per_s))
+        if lower_bound:
+            speed = min(speed, 1.0)
+    return (busy + 1.0) * speed + FAILURE_PENALTY * recent_failures
+
+
+def speed_estimate(measured: float | None, published: Any) -> tuple[float | None, str | None]:
+    """(tokens/s, source) from this node's own measurement and the node's published rate."""
+    floor = _number(published)
+    if measured is not None:
+        return (max(measured, floor) if floor is not None else measured), "measured"
+    if floor is not None:
+        return floor, "published"
+    return None, None
+
+
 class Router:
     def __init__(self, config: RoutingConfig, catalog: ModelCatalog, mesh: Any, max_queue: int) -> None:
         self.config = config
@@ -77,6 +147,23 @@ class Router:
         self.mesh = mesh  # MeshService or None
         self.breakers = CircuitBreakers(config.breaker_threshold, config.breaker_cooldown_s)
         self._max_queue = max_queue
+        # Deadlines (seconds), from routing.* in the config; tests may set them on the router directly.
+        self.first_token_timeout_s = config.first_token_timeout_s
+        self.stall_timeout_s = config.stall_timeout_s
+        self.request_deadline_s = config.request_deadline_s
+        self.breakers.probe_timeout_s = max(self.breakers.probe_timeout_s, self.first_token_timeout_s)
+        self._measured_tps: dict[str, float] = {}  # target -> EWMA of tokens/s seen by this node
+
+    def observe_throughput(self, target: str, tokens_per_s: float) -> None:
+        """A finished stream from ``target`` ran at this many tokens/s (measured at this node)."""
+        if not tokens_per_s > 0:
+            return
+        old = self._measured_tps.get(target)
+        self._measured_tps[target] = tokens_per_s if old is None else (
+            THROUGHPUT_EWMA * tokens_per_s + (1 - THROUGHPUT_EWMA) * old)
+
+    def measured_throughput(self, target: str) -> float | None:
+        return self._measured_tps.get(target)
 
     def data_class(self, header: str | None) -> str:
         value = (header or self.config.default_data_class).strip().lower()
@@ -96,17 +183,37 @@ class Router:
         return None
 
     def _local(self, name: str) -> list[tuple[Candidate, bool]]:
-        """Local candidates and whether each has queue room (mirrors the backend's admission)."""
+        """Local candidates and whether each has queue room (mirrors the backend's admission).
+
+        Scores are filled in by ``_scored`` once every candidate's speed is known.
+        """
         out = []
         for backend, info in self.catalog.models():
             if name != info.id and name not in info.aliases or info.state != "ready":
                 continue
             load = backend.load()
             has_room = load.in_flight + load.queued <= self._max_queue
-            out.append((Candidate(LOCAL, "local", info.id, float(load.in_flight + load.queued),
-                                  "local model" if has_room else "local queue full", 0.0,
-                                  {"in_flight": load.in_flight, "queued": load.queued},
-                                  (info.details or {}).get("sha256")), has_room))
+            published = getattr(load, "tokens_per_s", None)
+            tps, source = speed_estimate(self.measured_throughput(LOCAL), published)
+            reported = {"in_flight": load.in_flight, "queued": load.queued}
+            if published is not None:
+                reported["tokens_per_s"] = published
+            features = backend.capabilities().names() if hasattr(backend, "capabilities") else None
+            out.append((Candidate(LOCAL, "local", info.id, 0.0,
+                                  "local model" if has_room else "local queue full", 0.0, reported,
+                                  (info.details or {}).get("sha256"), tps, source,
+                                  features=None if features is None else tuple(features)), has_room))
+        return out
+
+    def _scored(self, candidates: list[Candidate], now: float) -> list[Candidate]:
+        known = sorted(c.tokens_per_s for c in candidates if c.tokens_per_s is not None)
+        ref = known[len(known) // 2] if known else None
+        out = []
+        for c in candidates:
+            failures = 0 if c.target == LOCAL else self.breakers.recent_failures(c.target, now)
+            out.append(replace(c, score=score(_busy(c.load), c.tokens_per_s, ref, failures,
+                                              lower_bound=c.speed_source == "published"),
+                               recent_failures=failures))
         return out
 
     def decide(self, name: str, data_class: str, now: float | None = None) -> Decision:
@@ -151,10 +258,13 @@ class Router:
                     excluded.append((target, why))
                     continue
                 load = dict(record.load) if record else {}
-                busy = float(load.get("in_flight", 0)) + float(load.get("queued", 0))
                 rtt = record.rtt_ms if record else None
-                peers.append(Candidate(target, record.name if record else "", models[0]["id"], busy,
-                                       "trusted peer with the model", rtt, load, models[0].get("sha256")))
+                tps, source = speed_estimate(self.measured_throughput(target), load.get("tokens_per_s"))
+                features = models[0].get("capabilities")
+                peers.append(Candidate(target, record.name if record else "", models[0]["id"], 0.0,
+                                       "trusted peer with the model", rtt, load, models[0].get("sha256"), tps,
+                                       source, features=tuple(map(str, features))
+                                       if isinstance(features, (list, tuple)) else None))
         if not local and not peers:
             if not known_locally and not known_remotely:
                 raise ModelNotFound(f"The model '{name}' does not exist on this node or any connected peer",
@@ -166,6 +276,9 @@ class Router:
                     + "; ".join(f"{t[:16]}: {w}" for t, w in excluded))
             raise NoRoute(f"No node can serve '{name}' now: " + "; ".join(f"{t[:16]}: {w}" for t, w in excluded),
                           retry_after=2)
+        scored = self._scored([*locals_ok, *peers, *locals_full], now)
+        locals_ok, peers, locals_full = (scored[:len(locals_ok)], scored[len(locals_ok):len(locals_ok) + len(peers)],
+                                         scored[len(locals_ok) + len(peers):])
         ordered = self._order(locals_ok, peers) + locals_full
         return Decision(name, data_class, self.config.strategy, tuple(ordered), tuple(excluded), time.time())
 
@@ -183,4 +296,4 @@ class Router:
         return [*locals_ok, *sorted(peers, key=lambda c: (c.score, rtt(c)))]
 
 
-__all__ = ["Candidate", "DataClassForbidden", "Decision", "LOCAL", "NoRoute", "Router"]
+__all__ = ["Candidate", "DataClassForbidden", "Decision", "LOCAL", "NoRoute", "Router", "score", "speed_estimate"]
