@@ -12,9 +12,8 @@ from conftest import free_port
 from test_mesh_loopback import meshctl, wait_state
 
 
-@pytest.fixture
-def entry_and_server(daemon_factory):
-    """E has no model; S serves SmolLM2; they trust each other fully."""
+def join_entry_and_server(daemon_factory) -> tuple:
+    """E has no model; S serves SmolLM2; they trust each other fully and E sees S's model."""
     mesh_s = free_port(socket.SOCK_DGRAM)
     server = daemon_factory("--mesh-listen", f"127.0.0.1:{mesh_s}", "--name", "server")
     entry = daemon_factory("--no-default-model", "--peer", f"127.0.0.1:{mesh_s}", "--name", "entry")
@@ -26,6 +25,11 @@ def entry_and_server(daemon_factory):
     while time.monotonic() < deadline and not meshctl(entry, "models")["models"]:
         time.sleep(0.2)
     return entry, server, id_e, id_s
+
+
+@pytest.fixture
+def entry_and_server(daemon_factory):
+    return join_entry_and_server(daemon_factory)
 
 
 def client(daemon) -> openai.OpenAI:
