@@ -1,9 +1,11 @@
 """The state directory: creation, permission checks, atomic writes and the daemon lock.
 
 Everything secret lives in one directory owned by the daemon's user with mode
-0700. Files are replaced atomically (temp file in the same directory, fsync,
-rename, fsync of the directory) so a crash never leaves a half-written key or
-trust file behind. Permission problems are refused with a one-line message
+0700, or 0710 when an admin group may reach the admin socket in it (group
+traverse only: members can open a name they know, never list, and every file
+keeps its own 0600). Files are replaced atomically (temp file in the same
+directory, fsync, rename, fsync of the directory) so a crash never leaves a
+half-written key or trust file behind. Permission problems are refused with a one-line message
 that says how to fix them; nothing is silently chmod-ed or replaced, because a
 loosened mode may mean someone else already read the file.
 
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = "meshd.lock"
 DIR_MODE = 0o700
+GROUP_DIR_MODE = 0o710  # DIR_MODE plus group traverse, for the admin group (share_state_dir)
 PRIVATE_FILE_MODE = 0o600
 
 StrPath = str | os.PathLike[str]
@@ -58,7 +61,7 @@ def ensure_state_dir(path: StrPath) -> Path:
 
 
 def check_private_dir(path: StrPath) -> None:
-    """Refuse a state directory that another user could read or write."""
+    """Refuse a state directory that another user could read or write (group traverse is allowed)."""
     directory = Path(path)
     try:
         st = os.stat(directory)
@@ -68,7 +71,27 @@ def check_private_dir(path: StrPath) -> None:
         raise StateDirError(f"cannot stat state dir {directory}: {exc.strerror}", path=directory) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(f"state dir {directory} is not a directory", path=directory)
-    _check_owner_and_mode(directory, st, kind="state dir", fix=f"chmod 700 {directory}")
+    # Group execute alone lets nobody list, read or write anything: it is what
+    # share_state_dir sets, so the admin group can reach the admin socket.
+    _check_owner_and_mode(directory, st, kind="state dir", fix=f"chmod 700 {directory}",
+                          allowed=GROUP_DIR_MODE & 0o077)
+
+
+def share_state_dir(path: StrPath, gid: int | None) -> None:
+    """Let group ``gid`` traverse the state dir (0710, group ``gid``), or with ``None`` stop that (0700).
+
+    Traverse is all the group gets: its members can connect to a socket made
+    0660 for that group, and nothing else here is open to them, because every
+    other file is 0600 (or public, like the TLS certificate). Changing the
+    group needs root or membership of ``gid``; the ``OSError`` says so.
+    """
+    directory = Path(path)
+    check_private_dir(directory)
+    if gid is None:
+        os.chmod(directory, DIR_MODE)
+        return
+    os.chown(directory, -1, gid)
+    os.chmod(directory, GROUP_DIR_MODE)
 
 
 def check_private_file(path: Path, st: os.stat_result) -> None:
@@ -78,14 +101,14 @@ def check_private_file(path: Path, st: os.stat_result) -> None:
     _check_owner_and_mode(path, st, kind="file", fix=f"chmod 600 {path}")
 
 
-def _check_owner_and_mode(path: Path, st: os.stat_result, *, kind: str, fix: str) -> None:
+def _check_owner_and_mode(path: Path, st: os.stat_result, *, kind: str, fix: str, allowed: int = 0) -> None:
     euid = os.geteuid()
     if st.st_uid != euid:
         raise InsecurePermissions(
             f"refusing {kind} {path}: owned by uid {st.st_uid}, but meshd runs as uid {euid}",
             path=path,
         )
-    loose = stat.S_IMODE(st.st_mode) & 0o077
+    loose = stat.S_IMODE(st.st_mode) & 0o077 & ~allowed
     if loose:
         raise InsecurePermissions(
             f"refusing {kind} {path}: mode {stat.S_IMODE(st.st_mode):04o} gives group/others "
@@ -288,6 +311,7 @@ def _read_pid(fd: int) -> int | None:
 
 __all__ = [
     "DIR_MODE",
+    "GROUP_DIR_MODE",
     "LOCK_FILE_NAME",
     "PRIVATE_FILE_MODE",
     "LockHolder",
@@ -299,4 +323,5 @@ __all__ = [
     "lock_state_dir",
     "probe_lock",
     "read_private_file",
+    "share_state_dir",
 ]

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -159,3 +164,112 @@ def test_health_and_metrics(shared_daemon):
     assert 'meshd_tokens_total{kind="completion"' in text
     assert "meshd_requests_in_flight" in text
     assert "meshd_backend_queued_requests" in text
+
+
+def metric(daemon, name: str) -> float:
+    status, text = daemon.get("/metrics")
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert match, name
+    return float(match.group(1))
+
+
+def test_embedding_queue_full_is_429_with_retry_after(daemon_factory):
+    # One embedding running and none waiting (--max-queue 0): the next is refused at once,
+    # as a generation would be, instead of waiting in an unbounded executor queue.
+    daemon = daemon_factory("--max-queue", "0")
+    # Seconds of work (the embedding context also loads on first use): far longer than the
+    # few milliseconds the refused request takes.
+    body = json.dumps({"model": "smollm2", "input": [f"sentence number {i} about bicycles and rivers" * 4
+                                                     for i in range(8)]}).encode()
+    busy = socket.create_connection(("127.0.0.1", daemon.port), timeout=120)
+    try:
+        busy.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while metric(daemon, "meshd_backend_running_requests") < 1:
+            assert time.monotonic() < deadline, "the long embedding never started"
+            time.sleep(0.02)
+        status, reply, headers = call(daemon, "POST", "/v1/embeddings", {"model": "smollm2", "input": "x"})
+        still_running = metric(daemon, "meshd_backend_running_requests")
+    finally:
+        busy.close()
+    assert still_running == 1, "the long embedding ended too soon to prove anything; make it longer"
+    assert status == 429, reply
+    assert_openai_error(reply, "queue_full")
+    assert int(headers["Retry-After"]) >= 1
+    # The abandoned embedding frees its turn once its thread finishes; then one more fits.
+    deadline = time.monotonic() + 300
+    while metric(daemon, "meshd_backend_running_requests") > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status, reply, _ = call(daemon, "POST", "/v1/embeddings", {"model": "smollm2", "input": "x"})
+    assert status == 200, reply
+
+
+class _WrongShapeUpstream(BaseHTTPRequestHandler):
+    """A real OpenAI-compatible server that lists its model, then answers every
+    request with valid JSON of the wrong shape (a list, not an object)."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "wrong-shape", "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": "no such route"}})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(200, ["not", "an", "object"])
+
+    def _send(self, status: int, payload: object) -> None:
+        raw = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def wrong_shape_upstream():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _WrongShapeUpstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_internal_error_is_500_in_openai_shape_without_traceback(daemon_factory, wrong_shape_upstream, tmp_path):
+    # The upstream parser expects JSON objects; a list gets past its typed checks
+    # and fails as a plain exception, which only the API's outermost boundary
+    # catches. If openai_wire ever types that case (502 upstream_error), this
+    # test needs another real way to reach the boundary.
+    config = tmp_path / "meshd.toml"
+    config.write_text(
+        "[[upstreams]]\n"
+        'name = "wrong-shape"\n'
+        f'base_url = "http://127.0.0.1:{wrong_shape_upstream}/v1"\n'
+        "stream = false\n"
+        'models = ["wrong-shape"]\n'
+    )
+    daemon = daemon_factory("--no-default-model", "--config", str(config))
+    for path, payload in (
+        ("/v1/embeddings", {"model": "wrong-shape", "input": "hello"}),
+        ("/v1/chat/completions", {"model": "wrong-shape", "messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        status, body, headers = call(daemon, "POST", path, payload)
+        assert status == 500, (path, body)
+        assert headers["Content-Type"].startswith("application/json")
+        assert_openai_error(body, "internal_error")
+        assert body["error"]["type"] == "server_error"
+        assert body["error"]["message"] == "Internal server error"
+        text = json.dumps(body)
+        assert "Traceback" not in text and "AttributeError" not in text and ".py" not in text
+    log = daemon.log()
+    assert log.count("unhandled error") == 2
+    assert "Traceback" in log  # the operator gets what the client does not
+    status, health, _ = call(daemon, "GET", "/health")
+    assert status == 200 and health["status"] == "ok"  # one bad answer breaks nothing else

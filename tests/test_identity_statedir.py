@@ -22,6 +22,7 @@ from identity import (
     probe_lock,
     read_private_file,
 )
+from identity.statedir import share_state_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_existing_private_state_dir_is_accepted(tmp_path: Path) -> None:
     assert _mode(state) == 0o700
 
 
-@pytest.mark.parametrize("mode", [0o755, 0o750, 0o701, 0o770])
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o701, 0o770, 0o730, 0o711])
 def test_state_dir_open_to_others_is_refused_not_fixed(tmp_path: Path, mode: int) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -62,6 +63,37 @@ def test_state_dir_open_to_others_is_refused_not_fixed(tmp_path: Path, mode: int
         ensure_state_dir(state)
     assert "\n" not in str(info.value)
     assert _mode(state) == mode
+
+
+def test_group_traverse_only_is_accepted(tmp_path: Path) -> None:
+    # 0710 is what share_state_dir sets for admin.group: group members can reach
+    # the admin socket by name but cannot list the directory or open a 0600 file.
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(state, 0o710)
+    ensure_state_dir(state)
+    assert _mode(state) == 0o710
+
+
+def test_share_state_dir_opens_traverse_to_one_group_and_closes_it(tmp_path: Path) -> None:
+    state = ensure_state_dir(tmp_path / "state")
+    atomic_write(state / "secret", b"s3cret")
+    gid = os.getegid()  # a group we may always give files to, root or not
+    share_state_dir(state, gid)
+    assert _mode(state) == 0o710 and os.stat(state).st_gid == gid
+    assert _mode(state / "secret") == 0o600  # files keep their own mode
+    lock_state_dir(state).release()  # a shared dir is still a valid state dir
+    share_state_dir(state, None)
+    assert _mode(state) == 0o700
+
+
+def test_share_state_dir_refuses_an_insecure_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chmod(state, 0o750)
+    with pytest.raises(InsecurePermissions):
+        share_state_dir(state, os.getegid())
+    assert _mode(state) == 0o750
 
 
 def test_state_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:

@@ -2,10 +2,13 @@
 
 Never on TCP. The socket is created 0600 (0660 with a configured group), and
 the caller's uid (SO_PEERCRED) is recorded as "added by" on trust changes.
+With a group, the state dir also becomes 0710 for that group: without
+traverse on its directory a group-writable socket is unreachable.
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -20,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from identity import IdentityError, InvalidNodeId, NodeId
+from identity.statedir import share_state_dir
 from peers import InvalidRole, PeerNotTrusted, TrustError, TrustStore, parse_roles
 from peers.trust_model import AmbiguousNodeId, TrustChange
 
@@ -36,6 +40,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class AdminConfig:
     socket_path: Path
     group: str | None = None  # lets members of this group use meshctl (0660)
+
+
+class AdminGroupError(OSError):
+    """``admin.group`` cannot be applied: no such group, or no right to use it.
+
+    An ``OSError`` so the daemon reports it as it reports any other failure to
+    create the admin socket: one line naming the socket, exit code 1.
+    """
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -90,8 +102,18 @@ class AdminServer:
         app.router.add_post("/v1/peers", self.peers_add)
         return app
 
+    def _group_id(self) -> int | None:
+        group = self.config.group
+        if not group:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise AdminGroupError(errno.ENOENT, f"admin.group: there is no group named {group!r}") from None
+
     async def start(self) -> None:
         path = self.config.socket_path
+        gid = self._group_id()  # before anything is created: a typo fails cleanly
         if path.is_socket() or path.exists():
             path.unlink()  # a stale socket: the state-dir lock proves no live daemon owns it
         self._runner = web.AppRunner(self.make_app(), access_log=None)
@@ -101,9 +123,19 @@ class AdminServer:
             await web.UnixSite(self._runner, str(path)).start()
         finally:
             os.umask(old)
-        if self.config.group:
-            os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
+        if gid is None:
+            share_state_dir(path.parent, None)  # take back what an earlier admin.group gave
+            return
+        try:
+            os.chown(path, -1, gid)
             os.chmod(path, 0o660)
+            # The group also needs traverse on the directory, or it cannot reach the socket.
+            share_state_dir(path.parent, gid)
+        except PermissionError as exc:
+            # Giving a file to a group needs root or membership of that group.
+            raise AdminGroupError(
+                errno.EPERM, f"admin.group: cannot give group {self.config.group!r} access ({exc.strerror}); "
+                "meshd must run as root or as a member of that group") from None
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -250,4 +282,4 @@ class AdminServer:
             self._on_trust_change(changes)
 
 
-__all__ = ["AdminConfig", "AdminServer", "SOCKET_NAME"]
+__all__ = ["AdminConfig", "AdminGroupError", "AdminServer", "SOCKET_NAME"]
