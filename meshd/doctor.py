@@ -185,7 +185,8 @@ def _private(name: str, path: Path, st: os.stat_result, mode: int, *, directory:
     if st.st_uid != os.geteuid():
         return CheckResult(name, "fail", f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})",
                            hint=f"chown {os.geteuid()} {path}", data=data)
-    if actual & 0o077:
+    # A state dir may be 0710: group traverse only, for the admin socket's group (docs/service.md).
+    if actual & 0o077 & ~(0o010 if directory else 0):
         return CheckResult(name, "fail", f"{path} has mode {actual:04o}: group/others have access",
                            hint=f"chmod {mode:o} {path}  (if nobody else could have read it)", data=data)
     return CheckResult(name, "ok", f"{path} (mode {actual:04o})", data=data)

@@ -37,6 +37,7 @@ from .responses import Completion, model_object, new_id
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TICKET = web.RequestKey("ticket", Ticket)  # the access gate's view of the request, set by the middleware
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ApiServer:
         failure: MeshdError | None = None
         cancelled = False
         ticket = self.gate.open_ticket(request.path) if self.gate is not None else None
-        request["ticket"] = ticket
+        request[TICKET] = ticket
         self.metrics.in_flight.labels(route).inc()
         try:
             if not self.accepting and request.path.startswith("/v1/"):
@@ -175,7 +176,7 @@ class ApiServer:
                stream: bool = False, generates: bool = True) -> tuple[str, Ticket | None]:
         """The request's data class, after the key's model and data-class rules and its quota (403/429)."""
         header = request.headers.get("X-Meshd-Data-Class")
-        ticket: Ticket | None = request.get("ticket")
+        ticket: Ticket | None = request.get(TICKET)
         if ticket is None or self.gate is None:
             return self.dispatcher.router.data_class(header), None
         ticket.stream = stream
@@ -190,7 +191,7 @@ class ApiServer:
         return [(m["id"], *m["meshd"].get("aliases", [])) for m in self._mesh_models()]
 
     def _visible(self, request: web.Request, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        ticket: Ticket | None = request.get("ticket")
+        ticket: Ticket | None = request.get(TICKET)
         if ticket is None or self.gate is None:
             return models
         allowed = self.gate.visible(ticket, self._model_names())

@@ -155,12 +155,20 @@ def parse_usage(raw: Any) -> Usage | None:
     return Usage(prompt, completion)
 
 
-def parse_choice_payload(payload: Mapping[str, Any], chat: bool, upstream: str = "upstream") -> ChunkFacts:
+def _json_object(payload: Any, upstream: str) -> Mapping[str, Any]:
+    """Every OpenAI response body is an object; anything else is the upstream's fault (502)."""
+    if not isinstance(payload, Mapping):
+        raise UpstreamError(f"{upstream} answered with a JSON {type(payload).__name__}, not an object")
+    return payload
+
+
+def parse_choice_payload(payload: Any, chat: bool, upstream: str = "upstream") -> ChunkFacts:
     """A chunk or a whole response: text of choice 0, its finish reason, usage.
 
     Raises the mapped error when the payload is an ``{"error": ...}`` object
     (some servers report mid-stream failures that way).
     """
+    payload = _json_object(payload, upstream)
     if "error" in payload and not payload.get("choices"):
         raise error_from_payload(upstream, None, payload)
     usage = parse_usage(payload.get("usage"))
@@ -209,9 +217,9 @@ def pool_embedding(raw: Any) -> tuple[list[float], int]:
     return [v / norm for v in vector], tokens
 
 
-def embedding_vectors(payload: Mapping[str, Any], expected: int) -> tuple[list[list[float]], int, int]:
+def embedding_vectors(payload: Any, expected: int) -> tuple[list[list[float]], int, int]:
     """Vectors in input order, upstream-reported prompt tokens, counted token vectors."""
-    data = payload.get("data")
+    data = _json_object(payload, "upstream").get("data")
     if not isinstance(data, list) or len(data) != expected:
         raise UpstreamError(f"upstream returned {len(data) if isinstance(data, list) else 'no'} embeddings for {expected} inputs")
     ordered = sorted(data, key=lambda item: item.get("index", 0) if isinstance(item, Mapping) else 0)
