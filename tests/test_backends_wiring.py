@@ -85,6 +85,9 @@ def test_upstream_model_identity_reaches_a_peer_with_unknowns_marked(daemon_fact
     # the local view (meshctl models) lists it with its identity unknown rather than made up
     local = [m for m in meshctl(a, "models")["models"] if m["location"] == "local"]
     assert [(m["model"], m["identity"]) for m in local] == [("remote-smol", None)]
+    assert local[0]["descriptor"]["upstream_model"] == "smol" and local[0]["descriptor"]["file_sha256"] is None
+    seen_from_b = [m for m in meshctl(b, "models")["models"] if m["location"] == "peer"]
+    assert seen_from_b[0]["descriptor"] == identity
 
 
 def test_vllm_without_a_gpu_or_vllm_is_rejected_at_start(tmp_path):

@@ -236,6 +236,7 @@ class AdminServer:
             rows.append({"model": info.id, "aliases": list(info.aliases), "node": str(self.node_id),
                          "name": self.name, "location": "local", "state": info.state, "backend": backend.name,
                          "identity": (info.details or {}).get("sha256"), "context_length": info.context_length,
+                         "descriptor": (info.details or {}).get("identity"),
                          "load": {"in_flight": load.in_flight, "queued": load.queued}})
         mesh = self.mesh
         for record in mesh.table.peers() if mesh is not None else []:
@@ -244,6 +245,7 @@ class AdminServer:
                              "node": str(record.node_id), "name": record.name, "location": "peer",
                              "state": model.get("state"), "backend": model.get("backend"),
                              "identity": model.get("sha256"), "context_length": model.get("context_length"),
+                             "descriptor": model.get("identity"),
                              "load": record.load, "peer_state": record.state.value,
                              "serve_trusted": self.trust.allows(record.node_id, "serve")})
         return web.json_response({"models": rows})
