@@ -34,8 +34,6 @@ def three_nodes(lab_factory, netns_daemons, monkeypatch, model_path):  # noqa: F
     """A: no model (entry); B and C serve SmolLM2. A trusts B and C with serve; B and C trust A with use."""
     for key, value in FAST.items():
         monkeypatch.setenv(key, value)
-    # The API listens beyond loopback here; these tests are about routing, not API keys.
-    monkeypatch.setenv("MESHD_INSECURE_NO_AUTH", "1")
     lab = lab_factory(3)
     a = netns_daemons(lab.hosts[0], "--no-default-model")
     b = netns_daemons(lab.hosts[1])
