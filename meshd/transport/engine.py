@@ -1,106 +1,183 @@
-"""The QUIC engine seam: everything meshd takes from aioquic comes through here.
+"""The QUIC engine seam: everything meshd takes from a QUIC library comes through here.
 
-aioquic's ``QuicConnection`` is already sans-IO; meshd runs its own UDP
-endpoint around it (endpoint.py) so that it controls connection creation
-(mutual TLS), timers and batching. Swapping in another engine with the same
-API shape (qh3) means changing this module only.
+Two engines share aioquic's sans-IO API shape: aioquic (pure Python, the
+design's reference) and qh3 (an aioquic fork with a Rust packet core, the
+optional ``meshd[fast]`` extra). An engine builds configurations from the
+node's TLS identity and creates connections that also answer the three
+questions the glue asks (``MeshConnection``). The UDP endpoint, the timers
+and batching live in endpoint.py, udp.py and link.py, identical for both.
+
+The default engine is chosen once, at import: ``MESHD_QUIC_ENGINE`` (auto |
+aioquic | qh3; auto = qh3 when installed and usable, else aioquic).
+"Usable" means a complete mutual-TLS handshake with Ed25519 certificates
+succeeds in memory, because qh3 support leans on its internals (qh3_tls.py).
+Both engines interoperate; a node may run either.
 """
 
 from __future__ import annotations
 
-import ssl
-from dataclasses import dataclass
-from typing import Any
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
 
-from aioquic.buffer import Buffer
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import PACKET_TYPE_INITIAL, QuicProtocolVersion, pull_quic_header
+from identity import NodeKey, TlsIdentity, create_certificate
 
-ALPN = "meshd/1"
-ENGINE_NAME = "aioquic"
-CONNECTION_ID_LENGTH = 8
+from .engine_aioquic import AioquicEngine
+from .errors import EngineUnavailable
+from .packets import destination_cid
+from .settings import ALPN, CONNECTION_ID_LENGTH, EngineSettings, engine_choice_from_env
 
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_datagram_size: int = 1452
-    idle_timeout_s: float = 30.0
-    max_data: int = 16 * 1024 * 1024  # connection-level flow-control window
-    max_stream_data: int = 8 * 1024 * 1024  # per-stream window
+log = logging.getLogger(__name__)
 
 
-class MeshQuicConnection(QuicConnection):
-    """A QuicConnection whose server side asks the client for its certificate.
+class MeshConnection(Protocol):
+    """A sans-IO QUIC connection as the glue uses it (aioquic's API, plus three helpers)."""
 
-    aioquic supports mutual TLS but only exposes the switch on its TLS context,
-    which exists once the first packet is handled; we flip it right there.
-    The TLS layer verifies the CertificateVerify signature (possession of the
-    key); meshd then checks that the certificate proves the claimed node id.
+    host_cid: bytes
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
+    def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None: ...
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> Any: ...
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+    def stop_stream(self, stream_id: int, error_code: int) -> None: ...
+    def close(self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = "") -> None: ...
+    def peer_certificate(self) -> Any: ...
+    def stream_backlog(self, stream_id: int) -> int: ...
+
+
+class QuicEngine(Protocol):
+    name: str
+    events: Any  # the engine's event classes: HandshakeCompleted, StreamDataReceived, ...
+
+    def configuration(self, tls: TlsIdentity, settings: EngineSettings, *, is_client: bool) -> Any: ...
+    def connect(self, configuration: Any, addr: tuple[str, int], now: float) -> MeshConnection: ...
+    def accept(self, configuration: Any, original_cid: bytes) -> MeshConnection: ...
+
+
+_loaded: dict[str, QuicEngine] = {}
+
+
+def load_engine(name: str) -> QuicEngine:
+    """The engine called ``name``, or ``EngineUnavailable`` saying why not."""
+    if name in _loaded:
+        return _loaded[name]
+    if name == "aioquic":
+        engine: QuicEngine = AioquicEngine()
+    elif name == "qh3":
+        engine = _load_qh3()
+    else:
+        raise EngineUnavailable(f"unknown QUIC engine {name!r} (expected aioquic or qh3)")
+    _loaded[name] = engine
+    return engine
+
+
+def _load_qh3() -> QuicEngine:
+    try:
+        from . import engine_qh3
+    except ImportError as exc:
+        raise EngineUnavailable(f"qh3 is not installed (pip install 'meshd[fast]'): {exc}") from exc
+    if not engine_qh3.version_supported():
+        raise EngineUnavailable(f"qh3 {engine_qh3.VERSION} is too old; meshd needs qh3>=2.1")
+    engine = engine_qh3.Qh3Engine()
+    reference = load_engine("aioquic")
+    try:
+        # qh3 with itself, and both ways with aioquic: every pairing a mesh can contain.
+        for client, server in ((engine, engine), (reference, engine), (engine, reference)):
+            handshake_in_memory(client, server)
+    except Exception as exc:  # any failure here means "do not use this qh3"
+        raise EngineUnavailable(f"qh3 {engine_qh3.VERSION} failed the mutual-TLS self-test: {exc!r}") from exc
+    return engine
+
+
+def select_engine(choice: str) -> QuicEngine:
+    """Resolve an engine choice (auto | aioquic | qh3); auto never fails."""
+    if choice != "auto":
+        return load_engine(choice)
+    try:
+        return load_engine("qh3")
+    except EngineUnavailable as exc:
+        log.info("using the aioquic QUIC engine", extra={"fields": {"reason": exc.message}})
+        return load_engine("aioquic")
+
+
+# --- in-memory handshake: the self-test, and a cheap interop check for tests ----------------
+
+
+def ephemeral_identity(now: float | None = None) -> TlsIdentity:
+    """A throwaway node identity held in memory (tests, self-tests)."""
+    key = NodeKey.generate()
+    certificate = create_certificate(key, now=time.time() if now is None else now,
+                                     validity=dt.timedelta(days=1))
+    return TlsIdentity(node_id=key.node_id, certificate=certificate, private_key=key.to_cryptography(),
+                       certificate_path=Path("/dev/null"), private_key_path=Path("/dev/null"))
+
+
+def handshake_in_memory(client_engine: QuicEngine, server_engine: QuicEngine, *,
+                        client_tls: TlsIdentity | None = None, server_tls: TlsIdentity | None = None,
+                        settings: EngineSettings | None = None, rounds: int = 16) -> tuple[Any, Any]:
+    """Run a mutual handshake between two engines with datagrams passed in memory.
+
+    Returns (client's view of the server certificate, server's view of the client
+    certificate). Raises ``EngineUnavailable`` if the handshake does not complete
+    with ALPN meshd/1 and a certificate on both sides.
     """
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        if not self._is_client:
-            self.tls._request_client_certificate = True
-
-    def peer_certificate(self) -> Any:
-        tls = getattr(self, "tls", None)
-        return None if tls is None else tls._peer_certificate
-
-
-def make_configuration(*, is_client: bool, certificate: Any, private_key: Any,
-                       settings: EngineSettings) -> QuicConfiguration:
-    config = QuicConfiguration(
-        is_client=is_client,
-        alpn_protocols=[ALPN],
-        # No CA: peers are self-signed, and the node-id check replaces the
-        # chain check (identity.node_id_from_certificate).
-        verify_mode=ssl.CERT_NONE,
-        idle_timeout=settings.idle_timeout_s,
-        max_datagram_size=settings.max_datagram_size,
-        max_data=settings.max_data,
-        max_stream_data=settings.max_stream_data,
-        connection_id_length=CONNECTION_ID_LENGTH,
-    )
-    config.certificate = certificate
-    config.private_key = private_key
-    return config
-
-
-def stream_buffered(quic: QuicConnection, stream_id: int) -> int:
-    """Bytes aioquic holds for a stream that the peer has not acknowledged yet."""
-    stream = quic._streams.get(stream_id)
-    return 0 if stream is None else len(stream.sender._buffer)
-
-
-def is_initial_packet(data: bytes) -> tuple[bool, bytes | None]:
-    """(is a v1 Initial packet, its destination connection id) for an unknown datagram."""
-    try:
-        header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
-    except ValueError:
-        return False, None
-    if header.version != QuicProtocolVersion.VERSION_1 or header.packet_type != PACKET_TYPE_INITIAL:
-        return False, header.destination_cid
-    return True, header.destination_cid
+    client_tls = client_tls or ephemeral_identity()
+    server_tls = server_tls or ephemeral_identity()
+    settings = settings or EngineSettings(engine=client_engine.name)
+    now = time.monotonic()
+    client_addr, server_addr = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    client = client_engine.connect(client_engine.configuration(client_tls, settings, is_client=True), server_addr, now)
+    server = None
+    done: dict[str, str | None] = {}
+    for _ in range(rounds):
+        moved = 0
+        for data, _addr in client.datagrams_to_send(now):
+            moved += 1
+            if server is None:
+                server = server_engine.accept(server_engine.configuration(server_tls, settings, is_client=False),
+                                              destination_cid(data, CONNECTION_ID_LENGTH) or b"")
+            server.receive_datagram(data, client_addr, now)
+        if server is not None:
+            for data, _addr in server.datagrams_to_send(now):
+                moved += 1
+                client.receive_datagram(data, server_addr, now)
+        for name, quic in (("client", client), ("server", server)):
+            while quic is not None and (event := quic.next_event()) is not None:
+                kind = type(event).__name__
+                if kind == "HandshakeCompleted":
+                    done[name] = event.alpn_protocol
+                elif kind == "ConnectionTerminated":
+                    raise EngineUnavailable(f"{name} closed the handshake: {event.reason_phrase}")
+        if len(done) == 2 or not moved:
+            break
+        now += 0.001
+    if done != {"client": ALPN, "server": ALPN} or server is None:
+        raise EngineUnavailable(f"in-memory handshake did not complete: {done}")
+    seen_by_client, seen_by_server = client.peer_certificate(), server.peer_certificate()
+    if seen_by_client is None or seen_by_server is None:
+        raise EngineUnavailable("in-memory handshake completed without mutual certificates")
+    return seen_by_client, seen_by_server
 
 
-def destination_cid(data: bytes) -> bytes | None:
-    try:
-        return pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH).destination_cid
-    except ValueError:
-        return None
-
+DEFAULT_ENGINE: QuicEngine = select_engine(engine_choice_from_env())
+ENGINE_NAME = DEFAULT_ENGINE.name
+# The default engine's event classes (tests and tools that inspect raw QUIC events).
+events = DEFAULT_ENGINE.events
 
 __all__ = [
-    "ALPN",
+    "DEFAULT_ENGINE",
     "ENGINE_NAME",
-    "EngineSettings",
-    "MeshQuicConnection",
-    "destination_cid",
+    "MeshConnection",
+    "QuicEngine",
+    "ephemeral_identity",
     "events",
-    "is_initial_packet",
-    "make_configuration",
-    "stream_buffered",
+    "handshake_in_memory",
+    "load_engine",
+    "select_engine",
 ]

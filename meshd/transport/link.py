@@ -4,6 +4,12 @@ QUIC events go into the session, the session's transmits go into QUIC, and
 the link owns the connection's single timer. The peer's node id comes from its
 TLS certificate (never from anything it says), so the session is created only
 once the handshake has completed and the certificate proved an id.
+
+One ``process`` per input (a batch of datagrams, a timer, a flush): drain the
+connection's events into the session and the session's output into the
+connection until both are quiet, then send what QUIC has, once, and re-arm
+the timer. Handlers that react to session events by calling ``flush`` inside
+``process`` only mark it for another round instead of re-entering it.
 """
 
 from __future__ import annotations
@@ -25,16 +31,11 @@ from ..protocol import (
     StreamData,
     WireCode,
 )
-from .engine import ALPN, MeshQuicConnection, events
+from .engine import MeshConnection
+from .settings import ALPN
+from .timers import EngineClock, LinkTimer, clock
 
 log = logging.getLogger(__name__)
-
-
-def clock() -> float:
-    """The transport's clock. time.monotonic() is the asyncio loop's own clock
-    and, unlike uvloop's millisecond-cached loop.time(), fine enough to measure
-    loopback RTTs; timers are armed with loop.call_at on the same base."""
-    return time.monotonic()
 
 # QUIC-level refusals before a session exists (application error codes).
 AUTH_FAILED = int(WireCode.NODE_ID_MISMATCH)
@@ -44,10 +45,10 @@ EventHandler = Callable[["PeerLink", Event], None]
 
 
 class PeerLink:
-    # Stop pulling from the session while QUIC holds this much unsent data for a stream.
-    QUIC_STREAM_BACKLOG = 1024 * 1024
+    # Stop pulling from the session while QUIC holds this much of a stream's data.
+    QUIC_STREAM_BACKLOG = 2 * 1024 * 1024
 
-    def __init__(self, endpoint: Any, quic: MeshQuicConnection, addr: tuple[str, int], *, is_client: bool,
+    def __init__(self, endpoint: Any, quic: MeshConnection, addr: tuple[str, int], *, is_client: bool,
                  expected: NodeId | None, make_session: SessionFactory, on_event: EventHandler,
                  on_closed: Callable[[PeerLink], None]) -> None:
         self.endpoint = endpoint
@@ -62,44 +63,84 @@ class PeerLink:
         self._make_session = make_session
         self._on_event = on_event
         self._on_closed = on_closed
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._clock = EngineClock()
+        self._timer = LinkTimer(self._on_timer)
+        self._processing = False
+        self._again = False
+        self._handlers = _handlers_for(endpoint.engine.events)
         self.created_at = clock()
         self.connected = asyncio.get_running_loop().create_future()  # resolves with the session or an error
 
+    @property
+    def timer_runs(self) -> int:
+        return self._timer.fired
+
     # --- input -----------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int], now: float) -> None:
-        self.quic.receive_datagram(data, addr, now)
+    def datagrams_received(self, datagrams: list[bytes], addr: tuple[str, int]) -> None:
+        now = self._clock.now()
+        try:
+            self.quic.receive_datagrams(datagrams, addr, now)
+        except Exception as exc:  # an engine bug must cost this connection, not the endpoint
+            self._engine_failed(exc, now)
+            return
         self.process(now)
 
-    def process(self, now: float) -> None:
+    def process(self, now: float | None = None) -> None:
         """Drain QUIC events into the session and the session's output into QUIC; then send."""
-        while (quic_event := self.quic.next_event()) is not None:
-            self._quic_event(quic_event, now)
-        self._drain_session(now)
-        self.endpoint.transmit(self)
+        if self._processing:
+            self._again = True  # a handler flushed from inside: one more round, below
+            return
+        now = self._clock.now(now or 0.0)
+        self._processing = True
+        try:
+            while True:
+                self._again = False
+                while (quic_event := self.quic.next_event()) is not None:
+                    self._quic_event(quic_event, now)
+                self._drain_session(now)
+                if not self._again:
+                    break
+        finally:
+            self._processing = False
+        try:
+            datagrams = self.quic.datagrams_to_send(now)
+        except Exception as exc:
+            self._engine_failed(exc, now)
+            return
+        self.endpoint.send(datagrams)
         self._arm_timer()
 
-    def _quic_event(self, event: Any, now: float) -> None:
-        if isinstance(event, events.HandshakeCompleted):
-            self._authenticate(event, now)
-        elif isinstance(event, events.StreamDataReceived):
-            if self.session is not None:
-                self.session.receive_stream_data(event.stream_id, event.data, event.end_stream, now)
-        elif isinstance(event, events.StreamReset):
-            if self.session is not None:
-                self.session.stream_reset(event.stream_id, now, event.error_code)
-        elif isinstance(event, events.ConnectionIdIssued):
-            self.endpoint.register_cid(event.connection_id, self)
-        elif isinstance(event, events.ConnectionIdRetired):
-            self.endpoint.unregister_cid(event.connection_id)
-        elif isinstance(event, events.ConnectionTerminated):
-            self._terminated(event.reason_phrase or f"closed with code {event.error_code}", now)
+    # --- QUIC events ---------------------------------------------------------------
 
-    def _authenticate(self, event: Any, now: float) -> None:
-        if event.alpn_protocol != ALPN:
-            self._refuse(f"peer negotiated ALPN {event.alpn_protocol!r}, not {ALPN}", now)
+    def _quic_event(self, event: Any, now: float) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(self, event, now)
+
+    def _handshake_completed(self, event: Any, now: float) -> None:
+        self._authenticate(event.alpn_protocol, now)
+
+    def _stream_data(self, event: Any, now: float) -> None:
+        if self.session is not None:
+            self.session.receive_stream_data(event.stream_id, event.data, event.end_stream, now)
+
+    def _stream_reset(self, event: Any, now: float) -> None:
+        if self.session is not None:
+            self.session.stream_reset(event.stream_id, now, event.error_code)
+
+    def _cid_issued(self, event: Any, now: float) -> None:
+        self.endpoint.register_cid(event.connection_id, self)
+
+    def _cid_retired(self, event: Any, now: float) -> None:
+        self.endpoint.unregister_cid(event.connection_id)
+
+    def _connection_terminated(self, event: Any, now: float) -> None:
+        self._terminated(event.reason_phrase or f"closed with code {event.error_code}", now)
+
+    def _authenticate(self, alpn: str | None, now: float) -> None:
+        if alpn != ALPN:
+            self._refuse(f"peer negotiated ALPN {alpn!r}, not {ALPN}", now)
             return
         certificate = self.quic.peer_certificate()
         if certificate is None:
@@ -144,10 +185,10 @@ class PeerLink:
             self.connected.set_result(session)
 
     def _pull_budget(self, stream_id: int) -> int:
-        # aioquic buffers whatever it is given; pull from the session's bounded
-        # buffers only while QUIC holds less than the backlog for this stream
-        # (unacknowledged bytes), so a slow reader never grows memory.
-        return max(0, self.QUIC_STREAM_BACKLOG - self.endpoint.engine_buffered(self.quic, stream_id))
+        # Engines buffer whatever they are given; pull from the session's bounded
+        # buffers only while QUIC holds less than the backlog for this stream,
+        # so a slow reader never grows memory.
+        return max(0, self.QUIC_STREAM_BACKLOG - self.quic.stream_backlog(stream_id))
 
     def _reset_stream(self, stream_id: int, error_code: int) -> None:
         try:
@@ -162,47 +203,51 @@ class PeerLink:
     def flush(self) -> None:
         """Called after the service asked the session to send something."""
         if not self.closed:
-            self.process(clock())
+            self.process()
 
     # --- timers and teardown -----------------------------------------------------
 
     def _arm_timer(self) -> None:
         if self.closed:
             return
-        deadlines = [t for t in (self.quic.get_timer(), self.session.next_timer() if self.session else None)
-                     if t is not None]
-        deadline = min(deadlines) if deadlines else None
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        deadline = self._timer_at
-        self._timer = self._timer_at = None
-        # A loop whose clock is coarser than QUIC's pacing deadlines (uvloop
-        # counts milliseconds) can fire a timer slightly early; treating it as
-        # not yet due re-arms the same deadline again and again and stalls the
-        # connection. The deadline has been reached as far as we can tell.
-        now = max(clock(), deadline or 0.0)
-        quic_timer = self.quic.get_timer()
-        if quic_timer is not None and quic_timer <= now:
-            self.quic.handle_timer(now)
+        deadline = self.quic.get_timer()
         if self.session is not None:
-            session_timer = self.session.next_timer()
-            if session_timer is not None and session_timer <= now:
+            session_deadline = self.session.next_timer()
+            if session_deadline is not None and (deadline is None or session_deadline < deadline):
+                deadline = session_deadline
+        self._timer.arm(deadline)
+
+    def _on_timer(self, deadline: float) -> None:
+        if self.closed:
+            return
+        # The deadline has been reached as far as this connection is concerned,
+        # even if the loop ran the timer a little early (timers.py): whatever
+        # was due then is handled now, with the same time for every call.
+        now = self._clock.now(deadline)
+        try:
+            quic_deadline = self.quic.get_timer()
+            if quic_deadline is not None and quic_deadline <= now:
+                self.quic.handle_timer(now)
+        except Exception as exc:
+            self._engine_failed(exc, now)
+            return
+        if self.session is not None:
+            session_deadline = self.session.next_timer()
+            if session_deadline is not None and session_deadline <= now:
                 self.session.handle_timer(now)
         self.process(now)
+
+    def _engine_failed(self, exc: Exception, now: float) -> None:
+        log.error("quic engine failed; dropping the connection", exc_info=exc,
+                  extra={"fields": {"addr": f"{self.addr[0]}:{self.addr[1]}", "error": repr(exc)}})
+        self._terminated(f"quic engine error: {exc}", now)
 
     def _terminated(self, reason: str, now: float) -> None:
         if self.closed:
             return
         self.closed = True
         self.close_reason = reason
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         if self.session is not None:
             self.session.connection_lost(now, reason)
             while (event := self.session.next_event()) is not None:
@@ -213,7 +258,27 @@ class PeerLink:
     def close(self, error_code: int = 0, reason: str = "closing") -> None:
         if not self.closed:
             self.quic.close(error_code=error_code, reason_phrase=reason)
-            self.process(clock())
+            self.process()
+
+
+_HANDLER_NAMES = {
+    "HandshakeCompleted": PeerLink._handshake_completed,
+    "StreamDataReceived": PeerLink._stream_data,
+    "StreamReset": PeerLink._stream_reset,
+    "ConnectionIdIssued": PeerLink._cid_issued,
+    "ConnectionIdRetired": PeerLink._cid_retired,
+    "ConnectionTerminated": PeerLink._connection_terminated,
+}
+_handler_tables: dict[int, dict[type, Callable[[PeerLink, Any, float], None]]] = {}
+
+
+def _handlers_for(events: Any) -> dict[type, Callable[[PeerLink, Any, float], None]]:
+    """Event class -> handler for one engine's event module (both engines name them alike)."""
+    table = _handler_tables.get(id(events))
+    if table is None:
+        table = {getattr(events, name): handler for name, handler in _HANDLER_NAMES.items()}
+        _handler_tables[id(events)] = table
+    return table
 
 
 __all__ = ["PeerLink"]

@@ -1,0 +1,133 @@
+"""Transport pieces in isolation: header parsing, settings, the batched UDP socket, engine failures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from meshd.transport import EngineSettings, InvalidTransportSettings, load_engine
+from meshd.transport.engine import ephemeral_identity
+from meshd.transport.packets import destination_cid, is_initial
+from meshd.transport.settings import ENV_ENGINE, ENV_MAX_DATAGRAM_SIZE, engine_choice_from_env
+from meshd.transport.udp import UdpSocket, set_buffer_sizes
+
+ENGINES = ["aioquic"] + (["qh3"] if __import__("importlib").util.find_spec("qh3") else [])
+
+
+# --- packets -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_first_datagram_is_an_initial_and_names_the_servers_connection_id(engine: str) -> None:
+    quic_engine = load_engine(engine)
+    settings = EngineSettings(engine=engine)
+    client = quic_engine.connect(quic_engine.configuration(ephemeral_identity(), settings, is_client=True),
+                                 ("127.0.0.1", 4433), time.monotonic())
+    (data, _), *_ = client.datagrams_to_send(time.monotonic())
+    assert is_initial(data) and len(data) >= 1200
+    from aioquic.buffer import Buffer
+    from aioquic.quic.packet import pull_quic_header
+
+    assert destination_cid(data, 8) == pull_quic_header(Buffer(data=data), host_cid_length=8).destination_cid
+
+
+def test_short_headers_and_garbage() -> None:
+    cid = bytes(range(8))
+    assert destination_cid(b"\x40" + cid + b"payload", 8) == cid
+    assert destination_cid(b"", 8) is None
+    assert destination_cid(b"\x40\x01", 8) is None  # shorter than the id
+    assert destination_cid(b"\xc0\x00\x00\x00\x01\x30" + bytes(60), 8) is None  # a 48-byte id does not exist
+    assert not is_initial(b"\xe0\x00\x00\x00\x01" + bytes(20))  # Handshake, not Initial
+    assert not is_initial(b"\xc0\x6b\x33\x43\xcf" + bytes(20))  # another version
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_MAX_DATAGRAM_SIZE, raising=False)
+    assert EngineSettings().max_datagram_size == 1452
+    monkeypatch.setenv(ENV_MAX_DATAGRAM_SIZE, "8952")
+    assert EngineSettings().max_datagram_size == 8952
+    monkeypatch.setenv(ENV_MAX_DATAGRAM_SIZE, "jumbo")
+    with pytest.raises(InvalidTransportSettings):
+        EngineSettings()
+    monkeypatch.setenv(ENV_ENGINE, "AIOQUIC ")
+    assert engine_choice_from_env() == "aioquic"
+
+
+@pytest.mark.parametrize("changes", [{"max_datagram_size": 1199}, {"max_datagram_size": 70000},
+                                     {"engine": "quiche"}, {"max_stream_data": 10, "max_data": 5}])
+def test_settings_out_of_range_are_typed_errors(changes: dict) -> None:
+    with pytest.raises(InvalidTransportSettings) as error:
+        EngineSettings(**{"engine": "aioquic", **changes})
+    assert error.value.code == "invalid_transport_settings"
+
+
+# --- the UDP socket ------------------------------------------------------------------------------
+
+
+def test_buffer_sizes_are_raised_and_reported() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        default = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+        rcv, snd = set_buffer_sizes(sock, 4 * 1024 * 1024)
+        assert rcv >= default and snd > 0
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_udp_socket_moves_bursts_in_both_modes(batch: bool) -> None:
+    async def main() -> tuple[list[bytes], bool]:
+        got: list[bytes] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def received(batch_: list) -> None:
+            got.extend(data for data, _ in batch_)
+            if len(got) >= 300 and not done.done():
+                done.set_result(None)
+
+        receiver = UdpSocket.bind("127.0.0.1", 0, received, buffer_bytes=4 << 20, batch=batch)
+        sender = UdpSocket.bind("127.0.0.1", 0, lambda _: None, buffer_bytes=4 << 20, batch=batch)
+        sent = [bytes([i % 251]) * (1452 if i % 50 else 700) for i in range(300)]
+        sender.send(sent, receiver.sockname())
+        await asyncio.wait_for(done, 10)
+        batched = receiver.batched
+        sender.close()
+        receiver.close()
+        return got, batched
+
+    got, batched = asyncio.run(main())
+    assert len(got) == 300 and {len(d) for d in got} == {1452, 700}
+    if batch and __import__("importlib").util.find_spec("qh3"):
+        assert batched
+
+
+# --- a failing engine costs one connection -------------------------------------------------------
+
+
+def test_an_engine_error_drops_the_connection_not_the_endpoint() -> None:
+    from meshd.transport.loopback import connect_pair
+
+    async def main() -> tuple[bool, str, bool]:
+        settings = EngineSettings(engine="aioquic")
+        pair = await connect_pair(settings, settings)
+        try:
+            link = pair.server.link
+
+            def broken(now: float) -> list:
+                raise RuntimeError("engine bug")
+
+            link.quic.datagrams_to_send = broken  # type: ignore[method-assign]
+            await pair.ping()  # makes the server transmit, which fails
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        closed = pair.server.link.closed
+        reason = pair.server.link.close_reason
+        alive = not pair.server.endpoint.socket.closed
+        await pair.close()
+        return closed, reason, alive
+
+    closed, reason, alive = asyncio.run(main())
+    assert closed and "engine bug" in reason and alive
