@@ -121,6 +121,26 @@ class RoutingConfig:
     request_deadline_s: float = 600.0  # the whole budget until the first token, failovers included
 
 
+KV_WIRE_FORMATS = ("raw", "q8_0")
+
+
+@dataclass(frozen=True)
+class KvCacheConfig:
+    """Per-node prefix cache and KV-cache mobility (docs/kvcache.md).
+
+    Off by default: a request that restores a cached prefix decodes only its
+    new suffix, and llama.cpp is not bit-for-bit batch-invariant in every
+    configuration, so a cached request can (rarely) continue differently from
+    a fresh one at temperature 0. Turning it on trades that for speed.
+    """
+
+    enabled: bool = False
+    max_bytes: int = 512 * 1024 * 1024  # all models' cached conversations together (LRU beyond)
+    min_tokens: int = 16  # shorter shared prefixes are not worth an import
+    wire_format: str = "raw"  # q8_0: half the bytes on the wire, lossy (see docs/kvcache.md)
+    drain_on_sigterm: bool = False  # SIGTERM hands cached conversations to peers first, like meshctl drain
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     group: str | None = None  # members may use meshctl: the socket becomes 0660
@@ -141,6 +161,7 @@ class DaemonConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    kvcache: KvCacheConfig = field(default_factory=KvCacheConfig)
     models: tuple[ModelSpec, ...] = ()
     default_model: bool = True
     log_level: str = "info"
@@ -273,6 +294,11 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "receipts.enabled": (_parse_bool, "MESHD_RECEIPTS"),
     "receipts.max_file_bytes": (_parse_int(4096), None),
     "receipts.flush_interval_s": (_parse_float, None),
+    "kvcache.enabled": (_parse_bool, "MESHD_KVCACHE"),
+    "kvcache.max_bytes": (_parse_int(1024 * 1024), "MESHD_KVCACHE_MAX_BYTES"),
+    "kvcache.min_tokens": (_parse_int(1), None),
+    "kvcache.wire_format": (_parse_choice(KV_WIRE_FORMATS), "MESHD_KVCACHE_WIRE_FORMAT"),
+    "kvcache.drain_on_sigterm": (_parse_bool, "MESHD_KVCACHE_DRAIN_ON_SIGTERM"),
 }
 MODEL_KEYS = {"path", "id", "aliases", "alias", "n_ctx"}
 BACKEND_TABLES = ("upstreams", "vllm", "mlx")
@@ -436,6 +462,7 @@ def build_config(*layers: Mapping[str, Any], env: Mapping[str, str] | None = Non
         serving=section(ServingConfig, "serving."),
         auth=section(AuthConfig, "auth."),
         receipts=section(ReceiptsConfig, "receipts."),
+        kvcache=section(KvCacheConfig, "kvcache."),
         models=models,
         default_model=default_model,
         **_backend_configs(merged, env or {}),
@@ -459,6 +486,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "DEFAULT_API_PORT",
+    "KvCacheConfig",
     "ListenAddress",
     "MeshConfig",
     "RoutingConfig",

@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from identity import (
     IdentityError,
@@ -181,6 +182,8 @@ class Daemon:
         self.mesh: MeshService | None = None
         self.dispatcher: Dispatcher | None = None
         self.node_facts: dict | None = None  # node descriptor with accelerators, once detected
+        self.kv: Any = None  # meshd.kvnode.KvNode when [kvcache] is enabled and a llama.cpp model is served
+        self._drain_task: asyncio.Task | None = None
 
     def _model_specs(self) -> list:
         specs = list(self.config.models)
@@ -206,6 +209,11 @@ class Daemon:
              "identity": (info.details or {}).get("identity"), "capabilities": features[backend.name]}
             for backend, info in catalog.models()
         ]
+        if self.kv is not None:
+            for model, (backend, _) in zip(models, catalog.models()):
+                if backend is self.kv.backend:
+                    # Cached conversations (newest first, capped): docs/kvcache.md "Prefix cache".
+                    model["kv_prefixes"] = self.kv.announce(model["sha256"])
         load = self._load()
         payload = {"backends": sorted({b.name for b in self.backends}), "models": models,
                    "health": {b.name: b.health().to_dict() for b in self.backends},
@@ -221,6 +229,53 @@ class Daemon:
         loads = [b.load() for b in self.backends]
         return BackendLoad(sum(x.in_flight for x in loads), sum(x.queued for x in loads),
                            sum(x.tokens_per_s for x in loads))
+
+    def _signalled(self, name: str) -> None:
+        # A second SIGTERM during a drain (or SIGINT) stops at once: the operator insists.
+        if name == "SIGTERM" and self.kv is not None and self.config.kvcache.drain_on_sigterm \
+                and self._drain_task is None and not self.stopping.is_set():
+            asyncio.ensure_future(self.drain(name))  # stops the daemon once drained
+        else:
+            self.request_stop(name)
+
+    async def drain(self, reason: str = "meshctl drain") -> dict:
+        """Stop admitting requests, finish in-flight ones, hand cached conversations to peers, then stop.
+
+        Idempotent: a second call (meshctl twice, or SIGTERM during a drain)
+        waits for the same drain and gets the same report.
+        """
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain(reason))
+        return await asyncio.shield(self._drain_task)
+
+    async def _drain(self, reason: str) -> dict:
+        log.info("draining", extra=fields(reason=reason))
+        if self.api is not None:
+            self.api.accepting = False  # /v1/* answers 503 shutting_down from now on
+        if self.dispatcher is not None:
+            self.dispatcher.mux.accepting = False  # and so do requests peers forward here
+        # In-flight generations store their conversation when they finish, so
+        # the caches are handed over only once the backends are idle.
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        while time.monotonic() < deadline:
+            load = self._load()
+            if load.in_flight + load.queued == 0:
+                break
+            await asyncio.sleep(0.05)
+        result: dict = {"moved": [], "failed": [], "kvcache": self.kv is not None}
+        if self.kv is not None and self.mesh is not None:
+            try:
+                report = await self.kv.drain(self.mesh)
+            except Exception as exc:  # noqa: BLE001 - whatever happens, a drain ends with the daemon stopping
+                log.exception("drain failed; stopping anyway")
+                result["failed"] = [{"prefix_sha256": "*", "error": f"drain failed: {exc}"}]
+            else:
+                result["moved"] = [{"peer": p, "prefix_sha256": h, "tokens": n} for p, h, n in report.moved]
+                result["failed"] = [{"prefix_sha256": h, "error": e} for h, e in report.failed]
+        log.info("drained", extra=fields(moved=len(result["moved"]), failed=len(result["failed"])))
+        # A moment later, so the admin response carrying this report leaves first.
+        asyncio.get_running_loop().call_later(0.2, self.request_stop, f"drained ({reason})")
+        return result
 
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -269,7 +324,12 @@ class Daemon:
         specs = self._model_specs()
         facts_cache = await asyncio.to_thread(FileFactsCache.in_state_dir, config.state_dir)
         if specs:
-            self.backends.append(LlamaCppBackend(specs, config.serving, facts_cache))
+            llama = LlamaCppBackend(specs, config.serving, facts_cache, config.kvcache)
+            self.backends.append(llama)
+            if llama.prefix_cache is not None:
+                from .kvnode import KvNode
+
+                self.kv = KvNode(config.kvcache, llama)
         self.backends += build_other_backends(config, facts_cache)
         catalog = ModelCatalog(self.backends)
         metrics = ApiMetrics(self._load)
@@ -286,7 +346,7 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
+            loop.add_signal_handler(sig, self._signalled, sig.name)
         try:
             try:
                 await self.api.start()
@@ -301,7 +361,12 @@ class Daemon:
                                     capabilities=lambda: self._capabilities(catalog))
             self.admin.mesh = self.mesh
             self.admin.dispatcher = self.dispatcher
-            self.mesh.request_handler = mux
+            self.admin.drain = self.drain
+            # Cache channels (peers trusted with `cache`) first, then requests.
+            self.mesh.request_handler = self.kv.handler(mux) if self.kv is not None else mux
+            if self.kv is not None:
+                self.kv.mesh = self.mesh
+                self.dispatcher.cache_planner = self.kv.plan
             self.mesh.on_link_closed = mux.link_closed
             router.mesh = self.dispatcher.mesh = self.mesh
             try:

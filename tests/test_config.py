@@ -89,3 +89,20 @@ def test_bad_values_name_their_key(layer, key):
 def test_env_booleans():
     assert not build_config({"no_default_model": "1"}).default_model
     assert build_config({"no_default_model": "0"}).default_model
+
+
+def test_kvcache_section(tmp_path):
+    from meshd.config import KvCacheConfig, load_config
+
+    assert build_config().kvcache == KvCacheConfig() and not KvCacheConfig().enabled
+    path = tmp_path / "meshd.toml"
+    path.write_text('[kvcache]\nenabled = true\nmax_bytes = 2097152\nwire_format = "q8_0"\n')
+    config = load_config(path, {"MESHD_KVCACHE_DRAIN_ON_SIGTERM": "1"}, {})
+    assert config.kvcache == KvCacheConfig(enabled=True, max_bytes=2097152, wire_format="q8_0",
+                                           drain_on_sigterm=True)
+    for layer, key in [({"kvcache.wire_format": "f16"}, "kvcache.wire_format"),
+                       ({"kvcache.max_bytes": 10}, "kvcache.max_bytes"),
+                       ({"kvcache.nope": 1}, "kvcache.nope")]:
+        with pytest.raises(ConfigError) as info:
+            build_config(layer)
+        assert info.value.key == key

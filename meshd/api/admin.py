@@ -82,6 +82,7 @@ class AdminServer:
         self.config = config
         self.mesh = mesh
         self.dispatcher: Any = None
+        self.drain: Callable[[], Awaitable[dict[str, Any]]] | None = None  # Daemon.drain
         self.node_id = node_id
         self.name = name
         self.trust = trust
@@ -100,6 +101,7 @@ class AdminServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/route", self.route)
         app.router.add_post("/v1/peers", self.peers_add)
+        app.router.add_post("/v1/drain", self.drain_node)
         return app
 
     def _group_id(self) -> int | None:
@@ -276,6 +278,13 @@ class AdminServer:
         self._mesh().add_static_peer(address.host, address.port)
         log.info("static peer added", extra=fields(address=str(address), by=caller_name(request) or "?"))
         return web.json_response({"added": str(address)}, status=201)
+
+    async def drain_node(self, request: web.Request) -> web.Response:
+        """Stop admitting, finish in-flight work, hand cached conversations to peers; the daemon then exits."""
+        if self.drain is None:
+            raise web.HTTPServiceUnavailable(reason="this node cannot drain yet (still starting)")
+        log.info("drain requested", extra=fields(by=caller_name(request) or "?"))
+        return web.json_response(await self.drain())
 
     def _changed(self, changes: tuple[TrustChange, ...], request: web.Request) -> None:
         if changes:

@@ -20,12 +20,16 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def usage(finished: GenerationFinished) -> dict[str, int]:
-    return {
+def usage(finished: GenerationFinished) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
         "total_tokens": finished.prompt_tokens + finished.completion_tokens,
     }
+    if finished.cached_tokens:
+        # OpenAI's field for prompt tokens served from a cache (only with [kvcache] enabled).
+        body["prompt_tokens_details"] = {"cached_tokens": finished.cached_tokens}
+    return body
 
 
 def model_object(info: ModelInfo, created: int) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class GenerationFinished:
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float | None = None  # time from admission to the first generated token
+    cached_tokens: int = 0  # prompt tokens restored from a KV cache instead of prefilled
 
 
 GenerationEvent = TextGenerated | GenerationFinished

@@ -17,8 +17,9 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..config import ModelSpec, ServingConfig
+from ..config import KvCacheConfig, ModelSpec, ServingConfig
 from ..errors import BackendError, MeshdError, ModelNotFound, QueueFull, ServiceUnavailable
 from ..modelid import FileFactsCache, ModelDescriptor, describe_gguf_async
 from .admission import MeteredStream, TokenRate
@@ -68,20 +69,76 @@ class LlamaCppBackend:
     name = "llama.cpp"
 
     def __init__(self, specs: Sequence[ModelSpec], serving: ServingConfig,
-                 facts_cache: FileFactsCache | None = None) -> None:
+                 facts_cache: FileFactsCache | None = None, kvcache: KvCacheConfig | None = None) -> None:
         self._serving = serving
         self.specs = tuple(specs)
         self.identities: dict[str, dict] = {}  # model id -> ModelDescriptor.to_dict(), filled by descriptors()
         self.facts_cache = facts_cache  # sha256 and GGUF facts, remembered across restarts
         self._rate = TokenRate()
         self._slots: dict[str, _Slot] = {}
+        # One prefix cache for every model (entries are keyed by the weights' sha256),
+        # so kvcache.max_bytes bounds the node, not each model. None: caching is off.
+        self.prefix_cache: Any = None
+        if kvcache is not None and kvcache.enabled:
+            from ..kvcache import PrefixCache
+
+            self.prefix_cache = PrefixCache(kvcache.max_bytes, min_tokens=kvcache.min_tokens)
         for spec in specs:
             self._slots[spec.id] = _Slot(
                 spec=spec,
-                engine=LlamaEngine(spec.path, spec.n_ctx, serving.n_threads),
+                engine=LlamaEngine(spec.path, spec.n_ctx, serving.n_threads, kv_hook=self._kv_hook(spec)),
                 executor=ThreadPoolExecutor(1, thread_name_prefix=f"llama-{spec.id}"),
                 embed_executor=ThreadPoolExecutor(1, thread_name_prefix=f"embed-{spec.id}"),
             )
+
+    def _kv_hook(self, spec: ModelSpec) -> Any:
+        if self.prefix_cache is None:
+            return None
+        from ..kvcache import LlamaPrefixHook
+
+        # The identity is asked for lazily (on the worker thread, at the first
+        # request): the file's sha256 is known only once descriptors() ran.
+        return LlamaPrefixHook(self.prefix_cache, lambda: self._require_identity(spec.id))
+
+    def cache_identity(self, model: str) -> Any:
+        """The ``CacheIdentity`` of a served model (by id or alias), or None if unknown or not served here."""
+        from ..kvcache import CacheIdentity, KVCacheError
+
+        spec = next((s for s in self.specs if model == s.id or model in s.aliases), None)
+        if spec is None or spec.id not in self.identities:
+            return None
+        try:
+            return CacheIdentity.from_descriptor(ModelDescriptor.from_dict(self.identities[spec.id]))
+        except KVCacheError:
+            return None  # weights of unknown sha256 never share caches
+
+    def _require_identity(self, model: str) -> Any:
+        from ..kvcache import CacheModelMismatch
+
+        identity = self.cache_identity(model)
+        if identity is None:
+            # A KVCacheError: the hook logs it and the request prefills in full; asked again next time.
+            raise CacheModelMismatch(f"model {model!r} is not described yet (file sha256 unknown)")
+        return identity
+
+    def prefix_announcements(self, sha256: str | None, limit: int) -> list[dict]:
+        """The most recent cached prefixes of these weights, for capability announcements."""
+        if self.prefix_cache is None or not sha256:
+            return []
+        found = [a for a in self.prefix_cache.announcements() if a.model_sha256 == sha256][:limit]
+        return [{"prefix_sha256": a.prefix_sha256, "token_count": a.token_count, "nbytes": a.nbytes}
+                for a in found]
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt token ids, as the engine will see them (for cache-aware routing).
+
+        Blocking; run it in a worker thread. It only reads the model's vocabulary
+        (llama_tokenize) and renders the chat template, never the context the
+        model's worker thread decodes with, so it may run beside a generation.
+        """
+        spec = next((s for s in self.specs if request.model in (s.id, *s.aliases)), None)
+        slot = self._ready_slot(spec.id if spec is not None else request.model)  # routing sees aliases
+        return list(slot.engine.prompt_tokens(request)[0])
 
     # --- lifecycle -------------------------------------------------------------
 

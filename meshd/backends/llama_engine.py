@@ -78,8 +78,12 @@ def find_stop(text: bytes, stops: Sequence[bytes]) -> int:
 class LlamaEngine:
     """One GGUF model: a generation context and, on demand, an embedding context."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int = 0) -> None:
+    def __init__(self, path: Path, n_ctx: int, n_threads: int = 0, kv_hook: Any = None) -> None:
         self.path = path
+        # Optional meshd.kvcache.LlamaPrefixHook: restores a cached prefix before
+        # a request and keeps the conversation's KV after it. None: every request
+        # prefills in full (bit-reproducible, see the reset below).
+        self.kv_hook = kv_hook
         self.n_ctx = n_ctx
         self.n_threads = n_threads or None
         self._llama_cpp = _import_llama()
@@ -203,6 +207,11 @@ class LlamaEngine:
         # output matters more here (failover resumes on another node).
         llama.reset()
         resume = list(request.resume_token_ids)
+        cached = 0  # prompt tokens restored from the prefix cache, not decoded
+        if self.kv_hook is not None and not resume:
+            # Opt-in trade of that reproducibility for speed: only the uncached
+            # suffix is decoded (generate() reuses the imported prefix).
+            cached = self.kv_hook.restore(llama, prompt)
         if resume and grammar is not None:
             raise InvalidRequest("constrained output (response_format) cannot be resumed on another node",
                                  code="resume_unsupported")
@@ -259,11 +268,14 @@ class LlamaEngine:
         if finish != "cancelled" and (len(text) > sent_bytes or len(completion) > sent_tokens):
             tail = text[sent_bytes:].decode("utf-8", errors="ignore")
             emit(TextGenerated(tail, tuple(completion[sent_tokens:])))
+        if self.kv_hook is not None and finish != "cancelled":
+            self.kv_hook.store(llama)  # after the last text: the client is not kept waiting
         return GenerationFinished(
             finish_reason=finish,  # type: ignore[arg-type]
             prompt_tokens=len(prompt),
             completion_tokens=len(completion),
             ttft_s=ttft,
+            cached_tokens=cached,
         )
 
     # --- embeddings ------------------------------------------------------------

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--data-class", choices=["public", "internal", "confidential", "secret"],
                        help="the request's data class (default: the node's configured default)")
 
+    commands.add_parser("drain", parents=[common],
+                        help="stop taking requests, finish in-flight ones, hand cached conversations "
+                             "(KV caches) to trusted peers, then stop the daemon")
+
     trust = commands.add_parser("trust", parents=[common], help="which peers this node trusts, and for what")
     trust_cmds = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
     add = trust_cmds.add_parser("add", parents=[common], help="trust a peer (or change its roles)")
@@ -176,6 +180,13 @@ def run(args: argparse.Namespace, client: AdminClient) -> tuple[Any, str]:
         lines.append(table(rows, ["#", "CANDIDATE", "MODEL", "LOAD", "RTT", "WHY"]))
         lines += [f"excluded {e['target'][:31]}: {e['why']}" for e in result["excluded"]]
         return result, "\n".join(lines)
+    if args.command == "drain":
+        result = client.call("POST", "/v1/drain")
+        lines = [f"moved {len(result['moved'])} cached conversation(s)"
+                 + ("" if result.get("kvcache") else " (kvcache is not enabled on this node)")]
+        lines += [f"  {m['prefix_sha256'][:12]} ({m['tokens']} tokens) -> {m['peer']}" for m in result["moved"]]
+        lines += [f"  not moved {f['prefix_sha256'][:12]}: {f['error']}" for f in result["failed"]]
+        return result, "\n".join(lines + ["the daemon is stopping"])
     action = args.trust_command
     if action == "add":
         body = {"node_id": check_node_id(args.node_id), "name": args.name, "roles": check_roles(args.roles),
@@ -201,7 +212,8 @@ def run(args: argparse.Namespace, client: AdminClient) -> tuple[Any, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = AdminClient(socket_path(args, dict(os.environ)))
+    # A drain waits for in-flight requests and cache transfers: longer than any other call.
+    client = AdminClient(socket_path(args, dict(os.environ)), timeout=600.0 if args.command == "drain" else 30.0)
     try:
         if args.command in meshctl_auth.COMMANDS:
             result, text = meshctl_auth.run(args, dict(os.environ))

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -85,13 +85,15 @@ class RouteFinished:
     tokens: int
     duration_s: float
     at: float
+    cache: str | None = None  # the KV-cache placement, when [kvcache] found a holder (CachePlan-like header)
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": "route_finished", "request_id": self.request_id, "model": self.model,
                 "data_class": self.data_class, "outcome": self.outcome, "attempts": list(self.attempts),
                 "failures": [{"target": t, "error": e} for t, e in self.failures],
                 "skipped": [{"target": t, "why": w} for t, w in self.skipped],
-                "tokens": self.tokens, "duration_s": round(self.duration_s, 3), "at": self.at}
+                "tokens": self.tokens, "duration_s": round(self.duration_s, 3), "at": self.at,
+                "cache": self.cache}
 
 
 @dataclass
@@ -104,6 +106,7 @@ class RouteTrace:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (target, error code)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # candidates not tried, and why
     outcome: str | None = None  # set when the request ends
+    cache: str | None = None  # KV-cache placement (meshd.kvnode.KvNode.plan), None when it had nothing to say
 
     @property
     def served_by(self) -> str | None:
@@ -114,10 +117,11 @@ class RouteTrace:
         return self.own_node_id if target in (None, LOCAL) else target
 
     def route_header(self) -> str:
-        return " -> ".join(_short(t) for t in self.attempts) or "none"
+        route = " -> ".join(_short(t) for t in self.attempts) or "none"
+        return f"{route}; cache={self.cache}" if self.cache else route
 
     def to_dict(self) -> dict[str, Any]:
-        return {"decision": self.decision.to_dict(), "attempts": self.attempts,
+        return {"decision": self.decision.to_dict(), "attempts": self.attempts, "cache": self.cache,
                 "failures": [{"target": t, "error": e} for t, e in self.failures],
                 "skipped": [{"target": t, "why": w} for t, w in self.skipped], "outcome": self.outcome}
 
@@ -166,6 +170,10 @@ class Dispatcher:
         self.gate = gate  # meshd.api.gate.AccessGate: signs the verdict a forwarded request carries
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
         self.listeners: list[Callable[[RouteDecided | RouteFinished], None]] = []
+        # Optional (meshd.kvnode.KvNode.plan): reorders candidates towards a node holding the
+        # prompt's KV-cache prefix and returns a header value; never fails a request.
+        self.cache_planner: Callable[[GenerationRequest, list[Candidate]],
+                                     Awaitable[tuple[list[Candidate], str | None]]] | None = None
 
     def _record(self, event: RouteDecided | RouteFinished) -> None:
         self.recent.append(event.to_dict())
@@ -190,14 +198,14 @@ class Dispatcher:
         decision = trace.decision
         event = RouteFinished(request_id, decision.model, decision.data_class, outcome, tuple(trace.attempts),
                               tuple(trace.failures), tuple(trace.skipped), tokens, time.monotonic() - started,
-                              time.time())
+                              time.time(), trace.cache)
         self._record(event)
         log.log(logging.INFO if outcome in ("served", "cancelled") else logging.WARNING, "route finished",
                 extra=fields(request_id=request_id or "-", model=decision.model, outcome=outcome,
                              route=trace.route_header(),
                              failures=",".join(f"{_short(t)}({e})" for t, e in trace.failures) or "-",
                              skipped=",".join(f"{_short(t)}({w})" for t, w in trace.skipped) or "-",
-                             tokens=tokens, duration_s=round(event.duration_s, 3)))
+                             tokens=tokens, duration_s=round(event.duration_s, 3), cache=trace.cache or "-"))
 
     def _link(self, target: str) -> Any:
         from identity import NodeId
@@ -240,6 +248,11 @@ class Dispatcher:
         started = time.monotonic()
         router = self.router
         candidates = list(trace.decision.candidates)
+        if self.cache_planner is not None and not request.resume_token_ids and len(candidates) > 1:
+            try:
+                candidates, trace.cache = await self.cache_planner(request, candidates)
+            except Exception:  # noqa: BLE001 - a planning bug must not cost the request
+                log.exception("kv-cache planning failed; routing as decided")
         max_attempts = router.config.max_attempts
         tokens: list[int] = []
         text: list[str] = []

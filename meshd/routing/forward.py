@@ -17,7 +17,7 @@ from typing import Any
 
 from ..backends.base import GenerationEvent, GenerationFinished, GenerationRequest, TextGenerated
 from ..catalog import ModelCatalog
-from ..errors import MeshdError, ServiceUnavailable
+from ..errors import MeshdError, ServiceUnavailable, ShuttingDown
 from ..logs import fields
 from ..protocol import (
     Event,
@@ -57,6 +57,8 @@ class RequestMux:
         self._serving: dict[tuple[int, int], asyncio.Task] = {}
         self._writable: dict[tuple[int, int], asyncio.Event] = {}
         self.served = 0  # requests this node served for peers
+        # False while draining: peers' new requests get a typed 503 (they fail over), in-flight ones finish.
+        self.accepting = True
 
     def in_flight_for_peers(self) -> int:
         return len(self._serving)
@@ -100,6 +102,8 @@ class RequestMux:
         log.info("serving request for peer", extra=fields(peer=str(link.node_id), request_id=frame.request_id,
                                                           model=frame.model, kind=frame.kind))
         try:
+            if not self.accepting:
+                raise ShuttingDown("This node is draining", retry_after=1)
             if self.gate is not None:
                 # Quotas were charged at the entry node; here we only check its signed verdict.
                 self.gate.verify_forwarded(link.node_id, frame.verdict)
