@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import meshd_native
-from conftest import native_or_skip
 from meshd_native import (
     DType,
     DuplicateChunk,

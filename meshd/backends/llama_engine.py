@@ -23,7 +23,6 @@ from typing import Any
 
 from ..errors import BackendError, ContextLengthExceeded, InvalidRequest
 from .base import (
-    ChatMessage,
     GenerationFinished,
     GenerationRequest,
     SamplingParams,

@@ -140,7 +140,6 @@ class RequestMux:
         node has moved on, so a request still queued or prefilling here is dropped with a
         ``deadline_exceeded`` error instead of occupying the backend.
         """
-        session = link.session
         key = (id(link), sid)
         try:
             if deadline_at is not None:
