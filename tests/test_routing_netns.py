@@ -90,6 +90,9 @@ def test_peer_without_serve_trust_never_receives_a_request(three_nodes):
 def test_kill_9_of_the_serving_peer_mid_stream_is_invisible_to_the_client(three_nodes):
     lab, (a, b, c), ids = three_nodes
     connect(a, (b, c), ids)
+    # Resume needs both servers' model identity (file sha256), which each announces once it has
+    # hashed its GGUF in the background after start-up.
+    assert wait_until(lambda: all(m["identity"] for m in a.meshctl("models")["models"]), 30), a.meshctl("models")
     settings = dict(model="smollm2", messages=STORY, max_tokens=120, temperature=0)
     expected = api(a).chat.completions.create(**settings).choices[0].message.content
     raw = api(a).chat.completions.with_raw_response.create(**settings, stream=True)
