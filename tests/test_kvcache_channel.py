@@ -29,6 +29,7 @@ from meshd.protocol import (
     trust_roles,
 )
 from meshd.protocol.loopback import Loopback, drain
+from test_kvcache_llama import greedy  # tests/ is on sys.path (rootdir conftest)
 
 MAX = 1 << 30
 
@@ -63,17 +64,6 @@ def setup(model_path: Path) -> Any:
     yield {"llama_cpp": llama_cpp, "identity": identity, "bundle": bundle, "prompt": prompt,
            "reference": reference, "path": model_path}
     a.close()
-
-
-def greedy(llama: Any, prompt: list[int], count: int = 16) -> list[int]:
-    out: list[int] = []
-    tokens = llama.generate(prompt, temp=0.0, top_k=1)
-    for token in tokens:
-        out.append(token)
-        if len(out) >= count:
-            break
-    tokens.close()
-    return out
 
 
 def push(client: PeerSession, link: Loopback, stream_id: int, pieces: Iterable[bytes],

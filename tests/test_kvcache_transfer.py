@@ -30,6 +30,7 @@ from meshd.protocol import ROLES, PeerSession, trust_roles
 from meshd.transport.endpoint import QuicEndpoint
 from meshd.transport.settings import EngineSettings
 from test_kvcache_bundle import base_descriptor, make_state  # tests/ is on sys.path (rootdir conftest)
+from test_kvcache_llama import greedy  # tests/ is on sys.path (rootdir conftest)
 
 SHA = "ab" * 32
 
@@ -148,7 +149,7 @@ async def test_follow_up_turn_on_b_uses_a_cache_sent_over_quic(pair, model_path:
         bundle = export_sequence(llama_a, identity)
         turn_2 = turn_1 + llama_a.tokenize(b"\nIn one sentence, what is a cache channel?")
         llama_a.reset()
-        reference = _greedy(llama_a, turn_2)  # what A alone produces for turn 2
+        reference = greedy(llama_a, turn_2)  # what A alone produces for turn 2
 
         imported: list[int] = []
         a, b, link = await pair(sha=identity.sha256,
@@ -158,22 +159,11 @@ async def test_follow_up_turn_on_b_uses_a_cache_sent_over_quic(pair, model_path:
         sizes: list[int] = []
         original = llama_b.eval
         llama_b.eval = lambda toks: (sizes.append(len(toks)), original(toks))[1]
-        assert _greedy(llama_b, turn_2) == reference
+        assert greedy(llama_b, turn_2) == reference
         assert sizes[0] == len(turn_2) - len(turn_1)  # B prefilled only the new tokens
     finally:
         llama_a.close()
         llama_b.close()
-
-
-def _greedy(llama: Any, prompt: list[int], count: int = 16) -> list[int]:
-    out: list[int] = []
-    tokens = llama.generate(prompt, temp=0.0, top_k=1)
-    for token in tokens:
-        out.append(token)
-        if len(out) >= count:
-            break
-    tokens.close()
-    return out
 
 
 def conversation(first_token: int, n: int = 200) -> KVBundle:
