@@ -65,7 +65,8 @@ def features() -> dict[str, bool]:
     return {}
 
 
-def _byte_view(data: Any) -> memoryview:
+def byte_view(data: Any) -> memoryview:
+    """A flat unsigned-byte view of a C-contiguous buffer (what the compiled kernels accept)."""
     try:
         view = memoryview(data)
     except TypeError as exc:
@@ -167,14 +168,14 @@ def _check_value(value: Any) -> int:
 
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C (Castagnoli) of ``data``, continuing from the CRC ``value``."""
-    view = _byte_view(data)
+    view = byte_view(data)
     return _raw_crc(_check_value(value) ^ _MASK, view) ^ _MASK
 
 
 def crc32c_copy(dst: Any, src: Any, value: int = 0) -> int:
     """Copy ``src`` into the start of ``dst`` and return the CRC32C of ``src``."""
-    s = _byte_view(src)
-    d = _byte_view(dst)
+    s = byte_view(src)
+    d = byte_view(dst)
     value = _check_value(value)
     if d.readonly:
         raise KernelError("destination buffer is read-only")
@@ -305,7 +306,7 @@ def encode_header(header: EnvelopeHeader, limits: Limits) -> bytes:
 
 def decode_header(data: Any, limits: Limits) -> EnvelopeHeader:
     """Parse and validate the header at the start of ``data`` (payload not checked)."""
-    view = _byte_view(data)
+    view = byte_view(data)
     if len(view) < FIXED_HEADER_SIZE:
         raise envelope_error("short_header", f"{len(view)} bytes")
     (

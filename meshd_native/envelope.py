@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._twin_framing import byte_view
 from .errors import KernelError, envelope_error
 from .spec import (
     DEFAULT_LIMITS,
@@ -119,15 +120,7 @@ def as_byte_view(data: Any) -> memoryview:
                 raise KernelError("array payload must be C- or Fortran-contiguous")
             data = data.T  # same memory, now C-contiguous
         return memoryview(data.reshape(-1).view(np.uint8))
-    try:
-        view = memoryview(data)
-    except TypeError as exc:
-        raise KernelError(f"expected a buffer, got {type(data).__name__}") from exc
-    if not view.c_contiguous:
-        raise KernelError("buffer must be C-contiguous")
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
+    return byte_view(data)
 
 
 def spec_for_array(
