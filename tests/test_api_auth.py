@@ -195,6 +195,11 @@ def test_tokens_per_minute_reserve_max_tokens_then_settle(keyed):
 
 def test_receipts_cover_every_outcome_and_verify(keyed, tmp_path):
     state = keyed.state_dir
+    # Receipts name the model file's sha256 once the daemon has hashed it (in the background after start).
+    deadline = time.monotonic() + 30
+    while not json.loads(meshctl(state, "--json", "models").stdout)["models"][0]["identity"]:
+        assert time.monotonic() < deadline, "the model identity was never computed"
+        time.sleep(0.2)
     key_id, secret = create_key(state, "audited", "--tenant", "acme", "--models", "smollm2,Smol*")
     good = client(keyed, secret)
     good.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=3, temperature=0)
