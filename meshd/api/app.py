@@ -56,6 +56,11 @@ def error_response(error: MeshdError, extra: dict[str, str] | None = None) -> we
     return web.json_response(error.to_openai(), status=error.status, headers=headers)
 
 
+def _names(models: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """(id, *aliases) of each model object, as the key allow-lists match them."""
+    return [(m["id"], *m["meshd"].get("aliases", [])) for m in models]
+
+
 class ApiServer:
     def __init__(self, config: ApiConfig, catalog: ModelCatalog, metrics: ApiMetrics, node: NodeFacts,
                  shutdown_grace_s: float, dispatcher: Any, gate: AccessGate | None = None) -> None:
@@ -180,21 +185,18 @@ class ApiServer:
         if ticket is None or self.gate is None:
             return self.dispatcher.router.data_class(header), None
         ticket.stream = stream
-        names = next((names for names in self._model_names() if model in names), (model,))
+        names = next((names for names in _names(self._mesh_models()) if model in names), (model,))
         requested = self.gate.authorize(ticket, model, names, header, self.dispatcher.router.config.default_data_class)
         data_class = self.dispatcher.router.data_class(requested)
         ticket.data_class = data_class
         self.gate.admit(ticket, prompt, max_tokens, generates=generates)
         return data_class, ticket
 
-    def _model_names(self) -> list[tuple[str, ...]]:
-        return [(m["id"], *m["meshd"].get("aliases", [])) for m in self._mesh_models()]
-
     def _visible(self, request: web.Request, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ticket: Ticket | None = request.get(TICKET)
         if ticket is None or self.gate is None:
             return models
-        allowed = self.gate.visible(ticket, self._model_names())
+        allowed = self.gate.visible(ticket, _names(models))
         return [m for m in models if m["id"] in allowed]
 
     # --- routes ----------------------------------------------------------------
