@@ -53,6 +53,10 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     n_ctx: int = 4096
     bundled: bool = False
+    # Layer split across trusted peers (docs/split.md): "off" serves it here only;
+    # "auto" splits it when it does not fit split.memory_budget_mb; "always" splits
+    # it whenever a peer can take layers.
+    split: str = "off"
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,14 @@ class MeshConfig:
     peers: tuple[ListenAddress, ...] = ()
     heartbeat_s: float = 5.0
     peer_timeout_s: float = 15.0  # silence after which a connected peer is marked down
+    # QUIC engine ("auto": qh3 when installed and usable, else aioquic) and the
+    # transport knobs of docs/transport.md; None keeps the transport's default.
+    engine: str = "auto"
+    max_datagram_size: int | None = None
+    udp_buffer_bytes: int | None = None
+    max_stream_data: int | None = None
+    max_data: int | None = None
+    pmtu_probe: bool = False
 
 
 STRATEGIES = ("local-first", "least-loaded", "lowest-latency")
@@ -141,6 +153,24 @@ class KvCacheConfig:
     drain_on_sigterm: bool = False  # SIGTERM hands cached conversations to peers first, like meshctl drain
 
 
+SPLIT_MODES = ("off", "auto", "always")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Layer split over the mesh (docs/split.md): this node as host and as worker."""
+
+    # Serve layers for peers trusted with `tensor`: a llama.cpp RPC server in a child
+    # process bound to 127.0.0.1, reachable only through the authenticated QUIC tunnel.
+    worker: bool = True
+    # Model memory this node may use for split models' layers, as host or worker;
+    # 0: what the system reports free, less a reserve.
+    memory_budget_mb: int = 0
+    worker_idle_s: float = 60.0  # an unused worker process is stopped after this long
+    n_threads: int = 0  # the worker's compute threads; 0: the node's CPU count
+    plan_wait_s: float = 20.0  # how long a split model waits for peers before it reports why it cannot load
+
+
 @dataclass(frozen=True)
 class AdminSettings:
     group: str | None = None  # members may use meshctl: the socket becomes 0660
@@ -162,6 +192,7 @@ class DaemonConfig:
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     kvcache: KvCacheConfig = field(default_factory=KvCacheConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     models: tuple[ModelSpec, ...] = ()
     default_model: bool = True
     log_level: str = "info"
@@ -299,8 +330,19 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "kvcache.min_tokens": (_parse_int(1), None),
     "kvcache.wire_format": (_parse_choice(KV_WIRE_FORMATS), "MESHD_KVCACHE_WIRE_FORMAT"),
     "kvcache.drain_on_sigterm": (_parse_bool, "MESHD_KVCACHE_DRAIN_ON_SIGTERM"),
+    "mesh.engine": (_parse_choice(("auto", "aioquic", "qh3")), "MESHD_QUIC_ENGINE"),
+    "mesh.max_datagram_size": (_parse_int(1200), "MESHD_QUIC_MAX_DATAGRAM_SIZE"),
+    "mesh.udp_buffer_bytes": (_parse_int(65536), None),
+    "mesh.max_stream_data": (_parse_int(65536), None),
+    "mesh.max_data": (_parse_int(65536), None),
+    "mesh.pmtu_probe": (_parse_bool, None),
+    "split.worker": (_parse_bool, "MESHD_SPLIT_WORKER"),
+    "split.memory_budget_mb": (_parse_int(0), "MESHD_SPLIT_MEMORY_BUDGET_MB"),
+    "split.worker_idle_s": (_parse_float, None),
+    "split.n_threads": (_parse_int(0), None),
+    "split.plan_wait_s": (_parse_float, None),
 }
-MODEL_KEYS = {"path", "id", "aliases", "alias", "n_ctx"}
+MODEL_KEYS = {"path", "id", "aliases", "alias", "n_ctx", "split"}
 BACKEND_TABLES = ("upstreams", "vllm", "mlx")
 MODELS_ENV = "MESHD_MODEL"  # os.pathsep-separated list of [ALIAS=]PATH
 
@@ -385,7 +427,8 @@ def _model_spec(index: int, raw: Mapping[str, Any]) -> ModelSpec:
     if not isinstance(model_id, str) or not model_id:
         raise ConfigError(f"{key}.id", f"expected a name, got {model_id!r}")
     n_ctx = _parse_int(0)(f"{key}.n_ctx", raw.get("n_ctx", ModelSpec.n_ctx))
-    return ModelSpec(path=path, id=model_id, aliases=tuple(aliases), n_ctx=n_ctx)
+    split = _parse_choice(SPLIT_MODES)(f"{key}.split", raw.get("split", ModelSpec.split))
+    return ModelSpec(path=path, id=model_id, aliases=tuple(aliases), n_ctx=n_ctx, split=split)
 
 
 def _table_to(cls: type, key: str, table: Mapping[str, Any]) -> Any:
@@ -463,6 +506,7 @@ def build_config(*layers: Mapping[str, Any], env: Mapping[str, str] | None = Non
         auth=section(AuthConfig, "auth."),
         receipts=section(ReceiptsConfig, "receipts."),
         kvcache=section(KvCacheConfig, "kvcache."),
+        split=section(SplitConfig, "split."),
         models=models,
         default_model=default_model,
         **_backend_configs(merged, env or {}),
@@ -493,6 +537,7 @@ __all__ = [
     "ModelSpec",
     "ReceiptsConfig",
     "ServingConfig",
+    "SplitConfig",
     "build_config",
     "load_config",
     "parse_listen",

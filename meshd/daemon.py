@@ -183,6 +183,7 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self.node_facts: dict | None = None  # node descriptor with accelerators, once detected
         self.kv: Any = None  # meshd.kvnode.KvNode when [kvcache] is enabled and a llama.cpp model is served
+        self.split: Any = None  # meshd.split.node.SplitNode: this node as layer-split worker and host
         self._drain_task: asyncio.Task | None = None
 
     def _model_specs(self) -> list:
@@ -221,6 +222,8 @@ class Daemon:
                             # one decimal: the announcement is re-signed only when something changed
                             "tokens_per_s": round(load.tokens_per_s, 1),
                             "served_for_peers": self.dispatcher.mux.served if self.dispatcher else 0}}
+        if self.split is not None:
+            payload["split"] = self.split.capability()
         if self.node_facts is not None:
             payload["node"] = self.node_facts  # replaces the mesh's own, which lacks accelerators
         return payload
@@ -323,6 +326,16 @@ class Daemon:
         log.info("node identity", extra=fields(node_id=str(key.node_id), name=name, trusted_peers=len(self.trust)))
         specs = self._model_specs()
         facts_cache = await asyncio.to_thread(FileFactsCache.in_state_dir, config.state_dir)
+        from .split.node import SplitNode
+
+        self.split = SplitNode(config.split, config.state_dir, name)
+        split_specs = [s for s in specs if s.split != "off"]
+        specs = [s for s in specs if s.split == "off"]
+        if split_specs:
+            from .split.backend import SplitBackend
+
+            self.backends.append(SplitBackend(split_specs, config.serving, self.split.plan_for,
+                                              config.state_dir / "split", facts_cache))
         if specs:
             llama = LlamaCppBackend(specs, config.serving, facts_cache, config.kvcache)
             self.backends.append(llama)
@@ -362,8 +375,13 @@ class Daemon:
             self.admin.mesh = self.mesh
             self.admin.dispatcher = self.dispatcher
             self.admin.drain = self.drain
-            # Cache channels (peers trusted with `cache`) first, then requests.
-            self.mesh.request_handler = self.kv.handler(mux) if self.kv is not None else mux
+            self.admin.split = self.split
+            self.admin.split_specs = {name: s for s in split_specs for name in (s.id, *s.aliases)}
+            # Tensor channels (split tunnels, peers trusted with `tensor`) and cache
+            # channels (peers trusted with `cache`) first, then requests.
+            requests = self.kv.handler(mux) if self.kv is not None else mux
+            self.mesh.request_handler = self.split.handler(requests)
+            self.split.mesh = self.mesh
             if self.kv is not None:
                 self.kv.mesh = self.mesh
                 self.dispatcher.cache_planner = self.kv.plan
@@ -378,8 +396,10 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot create the admin socket {self.admin.config.socket_path}: "
                                    f"{exc.strerror or exc}") from None
+            await self.split.start()  # before the backends: split models plan with its measurements
             url = self._api_url()
-            log.info("api listening", extra=fields(url=url, models=",".join(s.id for s in specs) or "-"))
+            log.info("api listening", extra=fields(url=url, models=",".join(s.id for s in (*specs, *split_specs))
+                                                   or "-"))
             starting = [asyncio.create_task(b.start()) for b in self.backends]
             # Background work that readiness does not wait for: trust file edits,
             # receipt batches, model identity (hashing model files) and accelerators.
@@ -427,6 +447,8 @@ class Daemon:
         await asyncio.gather(*starting, return_exceptions=True)
         for backend in self.backends:
             await backend.close()
+        if self.split is not None:
+            self.split.close()
 
 
 __all__ = ["Daemon", "StartupError", "claim_state_dir"]

@@ -46,6 +46,7 @@ class PeerRecord:
     models: list[dict[str, Any]] = field(default_factory=list)
     load: dict[str, Any] = field(default_factory=dict)
     node: dict[str, Any] = field(default_factory=dict)  # its signed node descriptor: OS, CPU, memory, accelerators
+    split: dict[str, Any] = field(default_factory=dict)  # what it offers as a layer-split worker (docs/split.md)
     detail: str = ""  # why it is in its state (refusal code, error)
 
     def add_address(self, host: str, port: int) -> None:
@@ -146,6 +147,7 @@ def describe(record: PeerRecord, roles: list[str]) -> dict[str, Any]:
         "models": record.models,
         "load": record.load,
         "node": record.node,
+        "split": record.split,
         "roles": roles,
         "last_seen": record.last_seen,
     }

@@ -83,6 +83,8 @@ class AdminServer:
         self.mesh = mesh
         self.dispatcher: Any = None
         self.drain: Callable[[], Awaitable[dict[str, Any]]] | None = None  # Daemon.drain
+        self.split: Any = None  # meshd.split.node.SplitNode
+        self.split_specs: dict[str, Any] = {}  # model id or alias -> ModelSpec of a split model
         self.node_id = node_id
         self.name = name
         self.trust = trust
@@ -102,6 +104,8 @@ class AdminServer:
         app.router.add_get("/v1/route", self.route)
         app.router.add_post("/v1/peers", self.peers_add)
         app.router.add_post("/v1/drain", self.drain_node)
+        app.router.add_get("/v1/split", self.split_status)
+        app.router.add_get("/v1/split/plan", self.split_plan)
         return app
 
     def _group_id(self) -> int | None:
@@ -285,6 +289,24 @@ class AdminServer:
             raise web.HTTPServiceUnavailable(reason="this node cannot drain yet (still starting)")
         log.info("drain requested", extra=fields(by=caller_name(request) or "?"))
         return web.json_response(await self.drain())
+
+    async def split_status(self, request: web.Request) -> web.Response:
+        """This node as a split worker and host: offer, worker process, tunnels, plans in use."""
+        if self.split is None:
+            raise web.HTTPServiceUnavailable(reason="layer split is not running on this node")
+        return web.json_response(self.split.status())
+
+    async def split_plan(self, request: web.Request) -> web.Response:
+        """``meshctl plan``: where a split model's layers go, and why."""
+        if self.split is None:
+            raise web.HTTPServiceUnavailable(reason="layer split is not running on this node")
+        model = request.query.get("model", "")
+        spec = self.split_specs.get(model)
+        if spec is None:
+            known = ", ".join(sorted({s.id for s in self.split_specs.values()})) or "none"
+            raise ValueError(f"{model!r} is not a split model here (split models: {known}; "
+                             "set split = \"auto\" or \"always\" on a [[models]] entry)")
+        return web.json_response(await self.split.explain(spec))
 
     def _changed(self, changes: tuple[TrustChange, ...], request: web.Request) -> None:
         if changes:

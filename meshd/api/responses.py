@@ -40,6 +40,8 @@ def model_object(info: ModelInfo, created: int) -> dict[str, Any]:
         meta["embedding_length"] = info.embedding_length
     if info.error:
         meta["error"] = info.error
+    if (info.details or {}).get("split"):
+        meta["split"] = info.details["split"]  # where a split model's layers run (docs/split.md)
     return {"id": info.id, "object": "model", "created": created, "owned_by": info.owned_by, "meshd": meta}
 
 

@@ -86,10 +86,14 @@ class LlamaCppBackend:
         for spec in specs:
             self._slots[spec.id] = _Slot(
                 spec=spec,
-                engine=LlamaEngine(spec.path, spec.n_ctx, serving.n_threads, kv_hook=self._kv_hook(spec)),
+                engine=self._make_engine(spec),
                 executor=ThreadPoolExecutor(1, thread_name_prefix=f"llama-{spec.id}"),
                 embed_executor=ThreadPoolExecutor(1, thread_name_prefix=f"embed-{spec.id}"),
             )
+
+    def _make_engine(self, spec: ModelSpec) -> Any:
+        """The engine that runs ``spec`` on the slot's thread (the split backend's runs in a child process)."""
+        return LlamaEngine(spec.path, spec.n_ctx, self._serving.n_threads, kv_hook=self._kv_hook(spec))
 
     def _kv_hook(self, spec: ModelSpec) -> Any:
         if self.prefix_cache is None:

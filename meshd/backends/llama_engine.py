@@ -77,8 +77,12 @@ def find_stop(text: bytes, stops: Sequence[bytes]) -> int:
 class LlamaEngine:
     """One GGUF model: a generation context and, on demand, an embedding context."""
 
-    def __init__(self, path: Path, n_ctx: int, n_threads: int = 0, kv_hook: Any = None) -> None:
+    def __init__(self, path: Path, n_ctx: int, n_threads: int = 0, kv_hook: Any = None,
+                 llama_kwargs: dict[str, Any] | None = None) -> None:
         self.path = path
+        # Extra ``Llama(...)`` arguments for the generation context, e.g. the
+        # n_gpu_layers and tensor_split of a model split over RPC devices.
+        self.llama_kwargs = dict(llama_kwargs or {})
         # Optional meshd.kvcache.LlamaPrefixHook: restores a cached prefix before
         # a request and keeps the conversation's KV after it. None: every request
         # prefills in full (bit-reproducible, see the reset below).
@@ -98,7 +102,8 @@ class LlamaEngine:
             raise BackendError(f"model file not found: {self.path}", code="model_file_missing")
         try:
             self._llama = self._llama_cpp.Llama(
-                str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False
+                str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False,
+                **self.llama_kwargs,
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise BackendError(f"cannot load {self.path}: {exc}", code="model_load_failed") from exc

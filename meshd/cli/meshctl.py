@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import DEFAULT_STATE_DIR
-from . import meshctl_auth
+from . import meshctl_auth, meshctl_split
 from .admin_client import AdminClient, AdminError, DaemonNotRunning
 
 ROLES_HELP = "comma-separated roles: serve (send my users' requests to it), use (it may send requests to me), " \
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = trust_cmds.add_parser("revoke", parents=[common], help="stop trusting a peer (disconnects it)")
     revoke.add_argument("node_id", metavar="NODE-ID", help="an id or a unique prefix of one")
     meshctl_auth.add_parsers(commands, common)
+    meshctl_split.add_parsers(commands, common)
     return parser
 
 
@@ -217,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in meshctl_auth.COMMANDS:
             result, text = meshctl_auth.run(args, dict(os.environ))
+        elif args.command in meshctl_split.COMMANDS:
+            result, text = meshctl_split.run(args, client)
         else:
             result, text = run(args, client)
     except meshctl_auth.ChainBroken as exc:

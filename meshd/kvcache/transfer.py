@@ -233,8 +233,8 @@ class CacheTransfers:
         _fail(channel.done, exc)
         if channel.sender is not None:
             channel.sender.cancel()
-        # No cache-specific wire code exists yet; the reason stays in our log.
-        channel.link.session.reset_stream(channel.stream_id, WireCode.REQUEST_CANCELLED)
+        # The peer learns *that* we rejected it; the reason stays in our log.
+        channel.link.session.reset_stream(channel.stream_id, WireCode.CACHE_REJECTED)
         channel.link.flush()
         self._forget(channel)
 

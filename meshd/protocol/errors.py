@@ -39,6 +39,8 @@ class WireCode(enum.IntEnum):
     DUPLICATE_CONNECTION = 0x15
     CONNECTION_CLOSED = 0x16
     REQUEST_CANCELLED = 0x20
+    CACHE_REJECTED = 0x21  # a KV cache failed verification (checksum, model, descriptor) and was not loaded
+    TUNNEL_BROKEN = 0x22  # the local end of a tensor tunnel (e.g. an RPC worker) went away
 
     @property
     def code(self) -> str:

@@ -1,0 +1,201 @@
+"""Split tunnels over real QUIC on loopback: bytes both ways, trust, backpressure, loss.
+
+The worker's local end here is a TCP echo server, named as such: these tests
+are about the tunnel, not the model (tests/test_split_netns.py runs llama.cpp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from identity import NodeKey
+from identity.tls import load_or_create_tls_identity
+from meshd.protocol import ROLES, PeerSession, trust_roles
+from meshd.split.tunnel import Tunnels
+from meshd.transport.endpoint import QuicEndpoint
+from meshd.transport.settings import EngineSettings
+
+
+class EchoServer:
+    """The fake local end: echoes every byte; ``drop()`` cuts every connection like a killed process."""
+
+    def __init__(self) -> None:
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: Any = None
+
+    async def start(self) -> int:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.writers.append(writer)
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    def drop(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+
+
+@dataclasses.dataclass
+class Node:
+    key: NodeKey
+    endpoint: QuicEndpoint
+    tunnels: Tunnels
+    lost: list[tuple[str, str]]
+    released: list[str]
+    port: int = 0
+
+
+async def make_node(tmp: Path, name: str, *, grants: Iterable[str] = ROLES, local_port: int | None = None) -> Node:
+    key = NodeKey.generate()
+    tls = load_or_create_tls_identity(tmp / name, key=key)
+    lost: list[tuple[str, str]] = []
+    released: list[str] = []
+
+    async def connect_local(peer: str, model: str | None) -> Any:
+        return await asyncio.open_connection("127.0.0.1", local_port)
+
+    tunnels = Tunnels(connect_local if local_port else None, released.append, lambda p, why: lost.append((p, why)))
+    granted = frozenset(grants)
+
+    def make_session(link: Any, node_id: Any, now: float) -> PeerSession:
+        return PeerSession(local_node_id=str(key.node_id), peer_node_id=str(node_id), is_client=link.is_client,
+                           now=now, is_trusted=trust_roles(granted), verify_capabilities=lambda r, n, t: {})
+
+    endpoint = QuicEndpoint(tls, EngineSettings(), make_session=make_session,
+                            on_event=lambda link, event: tunnels.handle(link, event),
+                            on_link_closed=lambda link: None, on_link_created=lambda link: None)
+    node = Node(key, endpoint, tunnels, lost, released)
+    node.port = (await endpoint.listen("127.0.0.1", 0))[1]
+    return node
+
+
+async def pair(tmp: Path, *, worker_grants: Iterable[str] = ROLES, serve: bool = True) -> tuple[Node, Node, Any, EchoServer]:
+    echo = EchoServer()
+    port = await echo.start()
+    host = await make_node(tmp, "host")
+    worker = await make_node(tmp, "worker", grants=worker_grants, local_port=port if serve else None)
+    link = host.endpoint.dial("127.0.0.1", worker.port, expected=worker.key.node_id)
+    await asyncio.wait_for(link.connected, 10)
+    return host, worker, link, echo
+
+
+async def tunnel_port(host: Node, link: Any) -> int:
+    server = await host.tunnels.listen(lambda: link, "m")
+    return server.sockets[0].getsockname()[1]
+
+
+def close(*nodes: Node) -> None:
+    for node in nodes:
+        node.tunnels.close()
+        node.endpoint.close()
+
+
+async def test_bytes_cross_both_ways_intact(tmp_path: Path) -> None:
+    host, worker, link, _ = await pair(tmp_path)
+    try:
+        port = await tunnel_port(host, link)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = os.urandom(24 << 20)
+
+        async def send() -> None:
+            for i in range(0, len(payload), 1 << 20):
+                writer.write(payload[i:i + (1 << 20)])
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        echoed = hashlib.sha256()
+        got = 0
+        while got < len(payload):
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
+            assert chunk, "tunnel closed early"
+            echoed.update(chunk)
+            got += len(chunk)
+        await sender
+        assert echoed.hexdigest() == hashlib.sha256(payload).hexdigest()
+        assert worker.tunnels.open_count == 1
+        writer.close()  # a clean close on the host's side ends the worker's local connection too
+        for _ in range(100):
+            if worker.tunnels.open_count == 0 and host.tunnels.open_count == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (worker.tunnels.open_count, host.tunnels.open_count) == (0, 0)
+        assert worker.released == [str(host.key.node_id)]
+        assert host.lost == []  # we closed first: nothing was lost
+    finally:
+        close(host, worker)
+
+
+async def test_peer_without_tensor_trust_gets_nothing(tmp_path: Path) -> None:
+    # The worker grants the host every role but `tensor`: the channel is refused before any local connection.
+    host, worker, link, echo = await pair(tmp_path, worker_grants=[r for r in ROLES if r != "tensor"])
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a byte
+        assert echo.writers == [] and worker.released == []
+    finally:
+        close(host, worker)
+
+
+async def test_a_node_that_is_not_a_worker_refuses(tmp_path: Path) -> None:
+    host, worker, link, echo = await pair(tmp_path, serve=False)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert echo.writers == []
+    finally:
+        close(host, worker)
+
+
+async def test_losing_the_local_end_reaches_the_host_as_a_loss(tmp_path: Path) -> None:
+    host, worker, link, echo = await pair(tmp_path)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        echo.drop()  # as if the RPC worker process were killed
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        for _ in range(100):
+            if host.lost:
+                break
+            await asyncio.sleep(0.05)
+        assert [peer for peer, _ in host.lost] == [str(worker.key.node_id)]
+        assert host.lost[0][1] in ("ended", "tunnel_broken")
+    finally:
+        close(host, worker)
+
+
+async def test_listener_is_loopback_only(tmp_path: Path) -> None:
+    host, worker, link, _ = await pair(tmp_path)
+    try:
+        server = await host.tunnels.listen(lambda: link, "m")
+        assert {s.getsockname()[0] for s in server.sockets} == {"127.0.0.1"}
+    finally:
+        close(host, worker)
+
+
+async def test_no_connected_peer_closes_the_connection(tmp_path: Path) -> None:
+    host, worker, link, _ = await pair(tmp_path)
+    try:
+        server = await host.tunnels.listen(lambda: None, "m")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        close(host, worker)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__])
