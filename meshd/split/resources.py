@@ -19,11 +19,11 @@ def free_memory_bytes() -> int:
     return 0
 
 
-def measure_speed_gbs(seconds: float = 0.2) -> float:
+def measure_speed_gbs(seconds: float = 0.1) -> float:
     """Matrix-vector throughput in GB/s of weights read (float32, 16 MiB matrix).
 
     Decoding one token streams every weight once, so it is bound by this, not
-    by peak FLOPs; the planner compares nodes by it. Blocking (~0.2 s).
+    by peak FLOPs; the planner compares nodes by it. Blocking (~0.1 s).
     """
     import numpy as np
 
