@@ -169,6 +169,7 @@ class SplitConfig:
     worker_idle_s: float = 60.0  # an unused worker process is stopped after this long
     n_threads: int = 0  # the worker's compute threads; 0: the node's CPU count
     plan_wait_s: float = 20.0  # how long a split model waits for peers before it reports why it cannot load
+    speed_gbs: float = 0.0  # the speed this node advertises for planning; 0: measured at start
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "split.worker_idle_s": (_parse_float, None),
     "split.n_threads": (_parse_int(0), None),
     "split.plan_wait_s": (_parse_float, None),
+    "split.speed_gbs": (_parse_float, None),
 }
 MODEL_KEYS = {"path", "id", "aliases", "alias", "n_ctx", "split"}
 BACKEND_TABLES = ("upstreams", "vllm", "mlx")

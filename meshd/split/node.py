@@ -64,7 +64,7 @@ class SplitNode:
         if self.rpc_missing is not None and self.worker is not None:
             self.worker = None
             self.tunnels.stop_serving()
-        self.speed_gbs = await asyncio.to_thread(measure_speed_gbs)
+        self.speed_gbs = self.config.speed_gbs or await asyncio.to_thread(measure_speed_gbs)
         log.info("split ready", extra=fields(worker=self.worker is not None, speed_gbs=round(self.speed_gbs, 1),
                                              memory_mib=self.memory_bytes() // MiB,
                                              rpc=self.rpc_missing or "available"))
