@@ -151,6 +151,9 @@ class KvCacheConfig:
     min_tokens: int = 16  # shorter shared prefixes are not worth an import
     wire_format: str = "raw"  # q8_0: half the bytes on the wire, lossy (see docs/kvcache.md)
     drain_on_sigterm: bool = False  # SIGTERM hands cached conversations to peers first, like meshctl drain
+    # Link throughput assumed for a peer until a cache transfer with it has been measured;
+    # a pull is chosen when bytes / throughput beats re-prefilling the tokens it covers.
+    link_mb_s: float = 100.0
 
 
 SPLIT_MODES = ("off", "auto", "always")
@@ -331,6 +334,7 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "kvcache.min_tokens": (_parse_int(1), None),
     "kvcache.wire_format": (_parse_choice(KV_WIRE_FORMATS), "MESHD_KVCACHE_WIRE_FORMAT"),
     "kvcache.drain_on_sigterm": (_parse_bool, "MESHD_KVCACHE_DRAIN_ON_SIGTERM"),
+    "kvcache.link_mb_s": (_parse_float, None),
     "mesh.engine": (_parse_choice(("auto", "aioquic", "qh3")), "MESHD_QUIC_ENGINE"),
     "mesh.max_datagram_size": (_parse_int(1200), "MESHD_QUIC_MAX_DATAGRAM_SIZE"),
     "mesh.udp_buffer_bytes": (_parse_int(65536), None),

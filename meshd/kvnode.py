@@ -15,14 +15,18 @@ backend and mesh service, so ``daemon.py`` stays a composition root:
 - ``plan(request, candidates)``: the dispatcher's cache-aware step: when a
   candidate announces a prefix of the prompt longer than the chosen node
   holds, and is not much busier, it goes first (its cache then saves the
-  prefill). Pulling the cache to the chosen node instead (``plan_cache``) needs
-  measured link throughput and prefill speed, which nothing measures yet.
+  prefill). When the request stays here instead (the holder is busy, or not
+  trusted to serve but trusted with ``cache``), the cache is pulled first if
+  ``plan_cache`` estimates the transfer (bytes / link throughput measured on
+  earlier pulls, ``kvcache.link_mb_s`` until then) beats re-prefilling at this
+  node's measured prefill speed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +73,7 @@ ANNOUNCED_PREFIXES = 16
 # than the chosen node and still be preferred: its cache saves a whole prefill.
 HOLDER_SLACK = 1.0
 DRAIN_TIMEOUT_S = 120.0  # per model: a peer that stops reading cannot hold up the exit forever
+PULL_TIMEOUT_FLOOR_S = 2.0  # a pull may take 4x its estimate, and at least this long
 
 
 class KvNode:
@@ -78,6 +83,7 @@ class KvNode:
         self.backend = backend
         self.mesh: Any = None  # MeshService, set once it exists (plan reads peers' announcements)
         self.cache: PrefixCache = backend.prefix_cache
+        self.link_rates: dict[str, float] = {}  # peer -> bytes/s measured on cache pulls (averaged)
         self.transfers = CacheTransfers(
             backend.cache_identity,
             store=self._store,
@@ -147,9 +153,11 @@ class KvNode:
         return report
 
     async def plan(self, request: Any, candidates: list[Any]) -> tuple[list[Any], str | None]:
-        """Candidates reordered towards a holder of the prompt's longest cached prefix, and a header value."""
-        from identity import NodeId
+        """Candidates reordered towards a holder of the prompt's longest cached prefix, and a header value.
 
+        When the request stays here and a peer holds a longer prefix, the cache is
+        pulled first if moving it is estimated to beat re-prefilling (``_pull``).
+        """
         from .routing.router import LOCAL
 
         identity = self.backend.cache_identity(request.model)
@@ -158,16 +166,9 @@ class KvNode:
             log.debug("no kv-cache planning", extra=fields(request_id=request.request_id, model=request.model,
                                                             identity=identity is not None))
             return candidates, None  # the prompt cannot be tokenized here, or no peers
-        announced: dict[str, list[PrefixAnnouncement]] = {}
-        for candidate in candidates:
-            if candidate.target == LOCAL:
-                announced[LOCAL] = [a for a in self.cache.announcements() if a.model_sha256 == identity.sha256]
-            elif candidate.identity == identity.sha256:
-                record = mesh.table.get(NodeId.parse(candidate.target))
-                if record is not None:
-                    announced[candidate.target] = peer_announcements(record.models, identity.sha256)
+        announced = self._announced(identity.sha256, candidates)
         if not any(announced.values()):
-            log.debug("no candidate announces a cached prefix", extra=fields(
+            log.debug("no node announces a cached prefix", extra=fields(
                 request_id=request.request_id, candidates=",".join(_short(c.target) for c in candidates)))
             return candidates, None
         try:
@@ -185,13 +186,83 @@ class KvNode:
         chosen = candidates[0]
         if best.node_id == chosen.target:
             return candidates, f"hit;node={_short(best.node_id)};tokens={tokens}"
-        holder = next(c for c in candidates if c.target == best.node_id)
-        if holder.score > chosen.score + HOLDER_SLACK:
-            return candidates, f"prefill;holder={_short(best.node_id)};tokens={tokens};holder_busy"
-        log.info("routing to the holder of the prompt's kv cache", extra=fields(
-            request_id=request.request_id, holder=best.node_id, tokens=tokens, instead_of=chosen.target))
-        return [holder, *(c for c in candidates if c is not holder)], \
-            f"prefer;node={_short(best.node_id)};tokens={tokens}"
+        holder = next((c for c in candidates if c.target == best.node_id), None)
+        if holder is not None and holder.score <= chosen.score + HOLDER_SLACK:
+            log.info("routing to the holder of the prompt's kv cache", extra=fields(
+                request_id=request.request_id, holder=best.node_id, tokens=tokens, instead_of=chosen.target))
+            return [holder, *(c for c in candidates if c is not holder)], \
+                f"prefer;node={_short(best.node_id)};tokens={tokens}"
+        why = "holder_busy" if holder is not None else "holder_not_serving"
+        if chosen.target == LOCAL and best.node_id != LOCAL:
+            pulled = await self._pull(request, identity.sha256, prompt, announced)
+            if pulled is not None:
+                return candidates, pulled
+        return candidates, f"prefill;holder={_short(best.node_id)};tokens={tokens};{why}"
+
+    def _announced(self, sha256: str, candidates: list[Any]) -> dict[str, list[PrefixAnnouncement]]:
+        """Prefixes of these weights announced by the candidates and by peers we may pull caches from."""
+        from identity import NodeId
+
+        from .routing.router import LOCAL
+
+        mesh = self.mesh
+        announced: dict[str, list[PrefixAnnouncement]] = {}
+        for candidate in candidates:
+            if candidate.target == LOCAL:
+                announced[LOCAL] = [a for a in self.cache.announcements() if a.model_sha256 == sha256]
+        for node_id in list(mesh.active):
+            peer = str(node_id)
+            record = mesh.table.get(node_id)
+            serving = any(c.target == peer and c.identity == sha256 for c in candidates)
+            if record is not None and (serving or mesh.trust.allows(NodeId.parse(peer), "cache")):
+                announced[peer] = peer_announcements(record.models, sha256)
+        return announced
+
+    def link_throughput(self, peer: str) -> tuple[float, bool]:
+        """Bytes/s to expect from ``peer``: measured on an earlier pull, else the configured assumption."""
+        measured = self.link_rates.get(peer)
+        return (measured, True) if measured else (self.config.link_mb_s * 1e6, False)
+
+    async def _pull(self, request: Any, sha256: str, prompt: list[int],
+                    announced: dict[str, list[PrefixAnnouncement]]) -> str | None:
+        """Pull the longest announced prefix here when that beats re-prefill; the header value, or None."""
+        from identity import NodeId
+
+        from .kvcache import plan_cache
+        from .routing.router import LOCAL
+
+        rates = {peer: self.link_throughput(peer)[0] for peer in announced if peer != LOCAL}
+        plan = plan_cache(prompt, sha256, LOCAL, announced, prefill_tokens_per_s=self.backend.prefill_rate.value,
+                          link_bytes_per_s=rates)
+        if plan.action != "pull" or plan.holder is None or plan.prefix_sha256 is None:
+            log.debug("kv cache not pulled", extra=fields(request_id=request.request_id, reason=plan.reason))
+            return None
+        holder = plan.holder
+        link = self.mesh.active.get(NodeId.parse(holder))
+        item = next(a for a in announced[holder] if a.prefix_sha256 == plan.prefix_sha256)
+        measured = self.link_throughput(holder)[1]
+        budget = max(PULL_TIMEOUT_FLOOR_S, 4 * (plan.transfer_s or 0.0))
+        started = time.monotonic()
+        try:
+            if link is None:
+                raise KVCacheError("the holder is no longer connected")
+            bundle = await asyncio.wait_for(
+                self.transfers.pull(link, item.model_id, plan.prefix_sha256, plan.cached_tokens), budget)
+        except (KVCacheError, TimeoutError) as exc:
+            log.warning("kv cache pull failed; prefilling instead", extra=fields(
+                request_id=request.request_id, holder=holder, error=str(exc) or type(exc).__name__))
+            return f"prefill;holder={_short(holder)};tokens={plan.cached_tokens};pull_failed"
+        elapsed = max(time.monotonic() - started, 1e-6)
+        rate = bundle.descriptor.wire_bytes / elapsed
+        previous = self.link_rates.get(holder)
+        self.link_rates[holder] = rate if previous is None else previous + 0.5 * (rate - previous)
+        self._store(holder, bundle)
+        log.info("kv cache pulled before serving", extra=fields(
+            request_id=request.request_id, holder=holder, tokens=plan.cached_tokens,
+            bytes=bundle.descriptor.wire_bytes, ms=round(elapsed * 1000, 1), estimate=plan.reason,
+            link="measured" if measured else "assumed"))
+        return (f"pull;node={_short(holder)};tokens={plan.cached_tokens};ms={elapsed * 1000:.0f};"
+                f"link={'measured' if measured else 'assumed'}")
 
 
 def _short(target: str) -> str:

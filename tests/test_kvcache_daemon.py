@@ -137,3 +137,43 @@ def test_entry_prefers_the_peer_holding_the_conversation(daemon_factory, tmp_pat
     assert raw.headers["x-meshd-node"] == id_s
     assert raw.headers["x-meshd-route"].startswith("peer:" + id_s[:15] + "; cache=prefer;node=" + id_s[:15])
     assert "routing to the holder of the prompt's kv cache" in entry.log()
+
+
+def test_a_cache_held_by_a_peer_is_pulled_when_the_request_stays_here(daemon_factory, tmp_path):
+    """H holds the conversation but is trusted by E with `cache` only (not to serve): E pulls the
+    cache before serving the next turn itself, and prefills only the new tokens."""
+    config = tmp_path / "kv.toml"
+    config.write_text("[kvcache]\nenabled = true\n[routing]\nfirst_token_timeout_s = 600.0\n")
+    mesh_h = free_port(socket.SOCK_DGRAM)
+    holder = daemon_factory("--config", str(config), "--mesh-listen", f"127.0.0.1:{mesh_h}", "--name", "holder")
+    entry = daemon_factory("--config", str(config), "--peer", f"127.0.0.1:{mesh_h}", "--name", "entry")
+    # What one node alone produces: it served turn 1 and restores its own cache for turn 2,
+    # the same evaluation pattern as a pulled cache (a fresh full prefill may differ in the last bits).
+    alone = daemon_factory("--config", str(config), "--name", "alone")
+    id_h, id_e = meshctl(holder, "id")["node_id"], meshctl(entry, "id")["node_id"]
+    meshctl(holder, "trust", "add", id_e, "--roles", "use,cache")
+    meshctl(entry, "trust", "add", id_h, "--roles", "cache")
+    wait_state(entry, id_h, {"connected"})
+    wait_for(lambda: described(entry) and described(holder), timeout=60)
+
+    # The entry learns its own prefill speed from a first request of its own.
+    warm = [{"role": "user", "content": PARAGRAPH * 2 + "\nWhat is the weather?"}]
+    chat(entry, warm, served_by=id_e)
+    turn1 = [{"role": "user", "content": PARAGRAPH * 6 + "\nWhat came from the west?"}]
+    answer1, _ = chat(holder, turn1, served_by=id_h)
+    wait_for(lambda: [m for p in meshctl(entry, "peers")["peers"] if p["node_id"] == id_h
+                      for m in p["models"] if m.get("kv_prefixes")], timeout=30)
+    turn2 = [*turn1, {"role": "assistant", "content": answer1}, {"role": "user", "content": "And after dark?"}]
+    assert chat(alone, turn1)[0] == answer1
+    expected, expected_usage = chat(alone, turn2)
+    raw = client(entry).chat.completions.with_raw_response.create(model="smollm2", messages=turn2,
+                                                                  max_tokens=24, temperature=0)
+    assert raw.headers["x-meshd-node"] == id_e  # served here: the holder may not serve for us
+    assert "; cache=pull;node=" + id_h[:15] in raw.headers["x-meshd-route"], raw.headers["x-meshd-route"]
+    assert "link=assumed" in raw.headers["x-meshd-route"]  # no earlier pull measured this link
+    reply = raw.parse()
+    cached = reply.usage.prompt_tokens_details.cached_tokens
+    assert cached > 200 and reply.usage.prompt_tokens == expected_usage.prompt_tokens
+    assert cached == expected_usage.prompt_tokens_details.cached_tokens
+    assert reply.choices[0].message.content == expected
+    assert "kv cache pulled before serving" in entry.log()

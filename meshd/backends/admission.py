@@ -123,6 +123,27 @@ class TokenRate:
         return self._total / self.window_s
 
 
+class PrefillRate:
+    """Prompt tokens prefilled per second, from finished generations (an exponential average).
+
+    ``prefilled / ttft``: the time to the first token is the prefill plus one
+    decode step, so this slightly under-states the speed, erring toward moving
+    a KV cache rather than recomputing it. Short prompts say little and are skipped.
+    """
+
+    def __init__(self, weight: float = 0.3, min_tokens: int = 32) -> None:
+        self.weight = weight
+        self.min_tokens = min_tokens
+        self.value: float | None = None  # None until measured
+
+    def add(self, finished: GenerationFinished) -> None:
+        prefilled = finished.prompt_tokens - finished.cached_tokens
+        if not finished.ttft_s or finished.ttft_s <= 0 or prefilled < self.min_tokens:
+            return
+        rate = prefilled / finished.ttft_s
+        self.value = rate if self.value is None else self.value + self.weight * (rate - self.value)
+
+
 class MeteredStream:
     """Counts the completion tokens a generation stream produces into a ``TokenRate``.
 
@@ -133,9 +154,10 @@ class MeteredStream:
     """
 
     def __init__(self, inner: AsyncIterator[GenerationEvent], rate: TokenRate, *, resumed: int = 0,
-                 chunk_is_token: bool = False) -> None:
+                 chunk_is_token: bool = False, prefill: PrefillRate | None = None) -> None:
         self._inner = inner
         self._rate = rate
+        self._prefill = prefill
         self._resumed = resumed
         self._chunk_is_token = chunk_is_token
         self._counted = 0
@@ -149,6 +171,8 @@ class MeteredStream:
             tokens = len(event.token_ids) or (1 if self._chunk_is_token and event.text else 0)
         elif isinstance(event, GenerationFinished):
             tokens = event.completion_tokens - self._resumed - self._counted
+            if self._prefill is not None and not self._resumed:  # a resume replays, it does not prefill
+                self._prefill.add(event)
         else:
             tokens = 0
         if tokens > 0:
@@ -162,4 +186,4 @@ class MeteredStream:
             await close()
 
 
-__all__ = ["Admission", "AdmittedStream", "MeteredStream", "Ticket", "TokenRate"]
+__all__ = ["Admission", "AdmittedStream", "MeteredStream", "PrefillRate", "Ticket", "TokenRate"]

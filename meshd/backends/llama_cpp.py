@@ -22,7 +22,7 @@ from typing import Any
 from ..config import KvCacheConfig, ModelSpec, ServingConfig
 from ..errors import BackendError, MeshdError, ModelNotFound, QueueFull, ServiceUnavailable
 from ..modelid import FileFactsCache, ModelDescriptor, describe_gguf_async
-from .admission import MeteredStream, TokenRate
+from .admission import MeteredStream, PrefillRate, TokenRate
 from .base import (
     BackendCapabilities,
     BackendHealth,
@@ -75,6 +75,7 @@ class LlamaCppBackend:
         self.identities: dict[str, dict] = {}  # model id -> ModelDescriptor.to_dict(), filled by descriptors()
         self.facts_cache = facts_cache  # sha256 and GGUF facts, remembered across restarts
         self._rate = TokenRate()
+        self.prefill_rate = PrefillRate()  # measured prompt tokens/s: KV-cache pulls are weighed against it
         self._slots: dict[str, _Slot] = {}
         # One prefix cache for every model (entries are keyed by the weights' sha256),
         # so kvcache.max_bytes bounds the node, not each model. None: caching is off.
@@ -251,7 +252,8 @@ class LlamaCppBackend:
         slot = self._ready_slot(request.model)
         self._admit(slot, slot.running + slot.waiting)
         slot.waiting += 1  # counted from admission, so concurrent admits see it
-        return MeteredStream(self._run(slot, request), self._rate, resumed=len(request.resume_token_ids))
+        return MeteredStream(self._run(slot, request), self._rate, resumed=len(request.resume_token_ids),
+                             prefill=self.prefill_rate)
 
     async def _run(self, slot: _Slot, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()

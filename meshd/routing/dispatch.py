@@ -248,7 +248,8 @@ class Dispatcher:
         started = time.monotonic()
         router = self.router
         candidates = list(trace.decision.candidates)
-        if self.cache_planner is not None and not request.resume_token_ids and len(candidates) > 1:
+        # One candidate is enough: a cache can be pulled to it from a peer that does not serve.
+        if self.cache_planner is not None and not request.resume_token_ids and candidates:
             try:
                 candidates, trace.cache = await self.cache_planner(request, candidates)
             except Exception:  # noqa: BLE001 - a planning bug must not cost the request
