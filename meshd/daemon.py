@@ -370,8 +370,13 @@ class Daemon:
                 tls = load_or_create_tls_identity(config.state_dir, key=key)
             except IdentityError as exc:
                 raise StartupError(str(exc)) from None
-            self.mesh = MeshService(config.mesh, LocalNode(key, name, bound_port, new_boot_id()), self.trust, tls,
-                                    capabilities=lambda: self._capabilities(catalog))
+            from .transport import InvalidTransportSettings
+
+            try:
+                self.mesh = MeshService(config.mesh, LocalNode(key, name, bound_port, new_boot_id()), self.trust,
+                                        tls, capabilities=lambda: self._capabilities(catalog))
+            except InvalidTransportSettings as exc:
+                raise StartupError(str(exc)) from None
             self.admin.mesh = self.mesh
             self.admin.dispatcher = self.dispatcher
             self.admin.drain = self.drain

@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from meshd.transport import EngineSettings, InvalidTransportSettings, load_engine
+from meshd.transport import ENGINE_NAME, EngineSettings, InvalidTransportSettings, load_engine
 from meshd.transport.engine import ephemeral_identity
 from meshd.transport.packets import destination_cid, is_initial
-from meshd.transport.settings import ENV_ENGINE, ENV_MAX_DATAGRAM_SIZE, engine_choice_from_env
 from meshd.transport.udp import UdpSocket, set_buffer_sizes
 
 ENGINES = ["aioquic"] + (["qh3"] if __import__("importlib").util.find_spec("qh3") else [])
@@ -47,24 +46,25 @@ def test_short_headers_and_garbage() -> None:
 # --- settings ----------------------------------------------------------------------------------
 
 
-def test_settings_defaults_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_MAX_DATAGRAM_SIZE, raising=False)
-    assert EngineSettings().max_datagram_size == 1452
-    monkeypatch.setenv(ENV_MAX_DATAGRAM_SIZE, "8952")
-    assert EngineSettings().max_datagram_size == 8952
-    monkeypatch.setenv(ENV_MAX_DATAGRAM_SIZE, "jumbo")
-    with pytest.raises(InvalidTransportSettings):
-        EngineSettings()
-    monkeypatch.setenv(ENV_ENGINE, "AIOQUIC ")
-    assert engine_choice_from_env() == "aioquic"
+def test_settings_defaults_are_constants_not_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon's configuration reads MESHD_QUIC_* (tests/test_mesh_settings.py); the transport does not.
+    monkeypatch.setenv("MESHD_QUIC_MAX_DATAGRAM_SIZE", "8952")
+    monkeypatch.setenv("MESHD_QUIC_ENGINE", "aioquic" if ENGINE_NAME == "qh3" else "qh3")
+    settings = EngineSettings()
+    assert settings.max_datagram_size == 1452
+    assert settings.engine == ENGINE_NAME
 
 
-@pytest.mark.parametrize("changes", [{"max_datagram_size": 1199}, {"max_datagram_size": 70000},
-                                     {"engine": "quiche"}, {"max_stream_data": 10, "max_data": 5}])
-def test_settings_out_of_range_are_typed_errors(changes: dict) -> None:
+@pytest.mark.parametrize("changes,setting", [
+    ({"max_datagram_size": 1199}, "max_datagram_size"), ({"max_datagram_size": 70000}, "max_datagram_size"),
+    ({"engine": "quiche"}, "engine"), ({"max_stream_data": 10, "max_data": 5}, "max_data"),
+    ({"max_stream_data": 0}, "max_stream_data"), ({"udp_buffer_bytes": 0}, "udp_buffer_bytes"),
+    ({"congestion_control": "bbr"}, "congestion_control")])
+def test_settings_out_of_range_are_typed_errors(changes: dict, setting: str) -> None:
     with pytest.raises(InvalidTransportSettings) as error:
         EngineSettings(**{"engine": "aioquic", **changes})
     assert error.value.code == "invalid_transport_settings"
+    assert error.value.setting == setting and str(error.value).startswith(f"{setting}: ")
 
 
 # --- the UDP socket ------------------------------------------------------------------------------

@@ -43,8 +43,9 @@ from ..protocol import (
     WireCode,
     connection_survives,
 )
-from ..transport import EngineSettings, PeerLink, QuicEndpoint
+from ..transport import EngineSettings, InvalidTransportSettings, PeerLink, QuicEndpoint
 from ..transport.link import clock
+from ..transport.settings import DEFAULT_MAX_DATA, DEFAULT_MAX_STREAM_DATA
 from .capabilities import CapabilityAnnouncer, CapabilityVerifier, node_descriptor
 from .dialer import Backoff
 
@@ -70,6 +71,33 @@ def new_boot_id() -> str:
 RequestHandler = Callable[[PeerLink, Event], None]
 
 
+def engine_settings(config: MeshConfig) -> EngineSettings:
+    """The transport settings of ``[mesh]``; unset ones keep the transport's defaults.
+
+    Raises ``InvalidTransportSettings`` naming the ``mesh.*`` key at fault: a
+    value the transport refuses, or ``mesh.engine = "qh3"`` on a machine where
+    qh3 is not installed or fails its self-test ("auto" never fails).
+    """
+    chosen: dict[str, Any] = {name: getattr(config, name) for name in
+                              ("max_datagram_size", "udp_buffer_bytes", "max_stream_data", "max_data")
+                              if getattr(config, name) is not None}
+    if config.engine != "auto":
+        chosen["engine"] = config.engine
+    if config.pmtu_probe:
+        chosen["pmtu_probe"] = True
+    # Setting one window alone keeps the pair consistent (max_stream_data <= max_data)
+    # instead of failing against the other's default.
+    if "max_stream_data" in chosen and "max_data" not in chosen:
+        chosen["max_data"] = max(chosen["max_stream_data"], DEFAULT_MAX_DATA)
+    if "max_data" in chosen and "max_stream_data" not in chosen:
+        chosen["max_stream_data"] = min(chosen["max_data"], DEFAULT_MAX_STREAM_DATA)
+    try:
+        return EngineSettings(**chosen)
+    except InvalidTransportSettings as exc:
+        key = f"mesh.{exc.setting}" if exc.setting else "mesh"
+        raise InvalidTransportSettings(exc.reason, setting=key) from exc
+
+
 class MeshService:
     def __init__(self, config: MeshConfig, node: LocalNode, trust: TrustStore, tls: TlsIdentity,
                  capabilities: Callable[[], dict[str, Any]] = dict,
@@ -92,7 +120,7 @@ class MeshService:
         self._backoff = Backoff()
         self._dialing: dict[object, PeerLink] = {}
         self._tasks: list[asyncio.Task] = []
-        self.endpoint = QuicEndpoint(tls, EngineSettings(), make_session=self._make_session,
+        self.endpoint = QuicEndpoint(tls, engine_settings(config), make_session=self._make_session,
                                      on_event=self._session_event, on_link_closed=self._link_closed,
                                      on_link_created=lambda link: None)
         self.bound: tuple[str, int] | None = None
@@ -171,6 +199,7 @@ class MeshService:
                 record.models = list(payload.get("models", []))
                 record.load = dict(payload.get("load", {}))
                 record.node = dict(payload.get("node") or {})
+                record.split = dict(payload.get("split") or {}) if isinstance(payload.get("split"), dict) else {}
                 record.api_port = payload.get("api_port", record.api_port)
                 if isinstance(payload.get("quic_port"), int) and not link.is_client:
                     record.add_address(link.addr[0], payload["quic_port"])
@@ -363,4 +392,4 @@ class MeshService:
         }
 
 
-__all__ = ["LocalNode", "MeshService", "new_boot_id"]
+__all__ = ["LocalNode", "MeshService", "engine_settings", "new_boot_id"]

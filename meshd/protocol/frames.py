@@ -10,6 +10,13 @@ tag. Field types are limited to what msgpack carries without extensions:
 
 Validation runs in ``__post_init__``, so a frame built locally and a frame
 decoded from the peer pass the same checks; failures raise ``InvalidFrame``.
+Each frame class gets its own ``__post_init__`` and ``to_wire``, generated
+once at registration (as ``dataclasses`` generates ``__init__``): every
+control message builds and validates two frames per side, and the generic
+loop over field checkers was most of a ping's protocol cost. The generated
+code tests the common case inline (``type(v) is int and 0 <= v <= ...``) and
+calls the field's full checker for anything else, so it accepts, normalises
+and rejects exactly what the checkers do.
 Decoding is strict: unknown tags raise ``UnknownFrameType``; missing or unknown
 fields raise ``InvalidFrame`` (the protocol version must match exactly, so
 there is no forward-compatibility slack to preserve).
@@ -100,8 +107,12 @@ class Frame:
     __slots__ = ()
     TAG: ClassVar[str]
     SPECS: ClassVar[tuple[FieldSpec, ...]]
+    _WIRE_KEYS: ClassVar[frozenset[str]]  # the type tag and every field name
+    _REQUIRED: ClassVar[frozenset[str]]  # fields without a default
 
     def __post_init__(self) -> None:
+        # The reference validation; registered frames run a generated equivalent
+        # (_compile_post_init), and the tests hold the two to the same results.
         for spec in self.SPECS:
             value = getattr(self, spec.name)
             checked = spec.check(value)
@@ -133,6 +144,10 @@ def frame(tag: str) -> Callable[[type[F]], type[F]]:
         made = dataclasses.dataclass(frozen=True, slots=True)(cls)
         made.TAG = tag
         made.SPECS = _field_specs(made)
+        made.__post_init__ = _compile_post_init(made)  # type: ignore[method-assign]
+        made.to_wire = _compile_to_wire(made)  # type: ignore[method-assign]
+        made._WIRE_KEYS = frozenset(spec.name for spec in made.SPECS) | {TYPE_KEY}
+        made._REQUIRED = frozenset(spec.name for spec in made.SPECS if spec.required)
         FRAME_TYPES[tag] = made
         return made
 
@@ -143,20 +158,25 @@ def decode_frame_object(obj: object) -> Frame:
     """Turn one decoded msgpack object into a frame, or raise a ``FrameError``."""
     if not isinstance(obj, dict):
         raise InvalidFrame(f"a frame must be a map, got {type(obj).__name__}")
-    tag = obj.get(TYPE_KEY)
+    return frame_from_map(dict(obj))
+
+
+def frame_from_map(obj: dict[Any, Any]) -> Frame:
+    """``decode_frame_object`` for a map the caller hands over: it is consumed (the tag popped)."""
+    tag = obj.pop(TYPE_KEY, None)
     if not isinstance(tag, str):
         raise InvalidFrame(f"frame type tag {TYPE_KEY!r} is missing or not a string")
     cls = FRAME_TYPES.get(tag)
     if cls is None:
         raise UnknownFrameType(tag)
-    names = {spec.name for spec in cls.SPECS}
-    unknown = [key for key in obj if key != TYPE_KEY and key not in names]
-    if unknown:
+    keys = obj.keys()
+    if not keys <= cls._WIRE_KEYS:  # set comparisons in C; the error path spells it out
+        unknown = [key for key in obj if key not in cls._WIRE_KEYS]
         raise InvalidFrame(f"{tag}: unknown field(s) {sorted(map(repr, unknown))}")
-    missing = [spec.name for spec in cls.SPECS if spec.required and spec.name not in obj]
-    if missing:
+    if not cls._REQUIRED <= keys:
+        missing = [spec.name for spec in cls.SPECS if spec.required and spec.name not in obj]
         raise InvalidFrame(f"{tag}: missing field(s) {missing}")
-    return cls(**{key: value for key, value in obj.items() if key != TYPE_KEY})
+    return cls(**obj)
 
 
 # --- field checkers derived from type hints ----------------------------------------------
@@ -309,6 +329,87 @@ def _constrained(inner: Checker, constraints: tuple[Any, ...], where: str) -> Ch
         return value
 
     return check
+
+
+# --- generated per-class code ------------------------------------------------------------
+
+
+def _fast_test(hint: Any, consts: dict[str, Any]) -> str | None:
+    """An expression over ``v`` that is true only for values the field's full checker
+    accepts and returns unchanged; None where there is no such shortcut.
+
+    False never means invalid, only "ask the checker" (which normalises or raises).
+    """
+    origin, args = get_origin(hint), get_args(hint)
+
+    def const(value: Any) -> str:
+        name = f"_k{len(consts)}"
+        consts[name] = value
+        return name
+
+    if origin is Annotated:
+        inner = _fast_test(args[0], consts)
+        if inner is None:
+            return None
+        tests = [inner]
+        for rule in args[1:]:
+            if isinstance(rule, Bounds):
+                if rule.low is not None:
+                    tests.append(f"v >= {const(rule.low)}")
+                if rule.high is not None:
+                    tests.append(f"v <= {const(rule.high)}")
+            elif isinstance(rule, Length) and get_origin(args[0]) is None:  # str, bytes
+                tests.append(f"{const(rule.low)} <= len(v)")
+                if rule.high is not None:
+                    tests.append(f"len(v) <= {const(rule.high)}")
+            else:
+                return None  # patterns, tuple lengths: the checker decides
+        return " and ".join(f"({test})" for test in tests)
+    if origin in (Union, types.UnionType):
+        (inner_hint,) = [arg for arg in args if arg is not type(None)]
+        inner = _fast_test(inner_hint, consts)
+        return "v is None" if inner is None else f"v is None or ({inner})"
+    if origin is Literal:
+        return f"type(v) is str and v in {const(frozenset(args))}"
+    if hint is int:
+        return f"type(v) is int and {const(INT_MIN)} <= v <= {const(U64_MAX)}"
+    if hint is float:
+        return f"type(v) is float and {const(math.isfinite)}(v)"
+    if hint in (bool, str, bytes):
+        return f"type(v) is {const(hint)}"
+    return None  # maps (keys to check), tuples (lists to convert): always the checker
+
+
+def _compile_post_init(cls: type[Frame]) -> Callable[[Frame], None]:
+    consts: dict[str, Any] = {"_set": object.__setattr__}
+    lines = ["def __post_init__(self):"]
+    for index, spec in enumerate(cls.SPECS):
+        check = f"_check{index}"
+        consts[check] = spec.check
+        lines.append(f"    v = self.{spec.name}")
+        test = _fast_test(spec.hint, consts)
+        lines.append(f"    if not ({test}):" if test else "    if True:")
+        lines.append(f"        checked = {check}(v)")
+        lines.append("        if checked is not v:")
+        lines.append(f"            _set(self, {spec.name!r}, checked)")
+    if cls.check is not Frame.check:
+        lines.append("    self.check()")
+    lines.append("    return None")
+    return _define(cls, "__post_init__", lines, consts)
+
+
+def _compile_to_wire(cls: type[Frame]) -> Callable[[Frame], dict[str, Any]]:
+    # The same map, in the same key order, as the loop over SPECS: the bytes on the wire do not change.
+    items = ", ".join([f"{TYPE_KEY!r}: _tag"] + [f"{spec.name!r}: self.{spec.name}" for spec in cls.SPECS])
+    return _define(cls, "to_wire", ["def to_wire(self):", f"    return {{{items}}}"], {"_tag": cls.TAG})
+
+
+def _define(cls: type, name: str, lines: list[str], consts: dict[str, Any]) -> Any:
+    namespace: dict[str, Any] = {}
+    exec("\n".join(lines), consts, namespace)  # noqa: S102 - source built above from field names only
+    function = namespace[name]
+    function.__qualname__ = f"{cls.__qualname__}.{name}"
+    return function
 
 
 # --- control channel ---------------------------------------------------------------------
@@ -545,5 +646,6 @@ __all__ = [
     "Usage",
     "decode_frame_object",
     "frame",
+    "frame_from_map",
     "frame_types",
 ]

@@ -10,11 +10,13 @@ oversize frame as soon as its header arrives, so it never holds more than
 from __future__ import annotations
 
 import enum
+import struct
+import threading
 
 import msgpack
 
 from .errors import FrameTooLarge, InvalidFrame, MalformedFrame, ProtocolError, TruncatedFrame
-from .frames import Frame, decode_frame_object
+from .frames import Frame, frame_from_map
 
 HEADER_SIZE = 4
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
@@ -36,6 +38,17 @@ class ChannelKind(enum.IntEnum):
 # type bytes, truncation, trailing data, invalid UTF-8, non-string map keys,
 # nesting beyond its stack limit.
 _UNPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
+_HEADER = struct.Struct(">I")  # HEADER_SIZE bytes, big-endian length
+_packers = threading.local()  # one reusable Packer per thread (msgpack.packb builds one per call)
+
+
+def _packer() -> msgpack.Packer:
+    try:
+        return _packers.packer
+    except AttributeError:
+        # autoreset: pack() returns the bytes and starts empty again, also after an error
+        _packers.packer = msgpack.Packer(use_bin_type=True)
+        return _packers.packer
 
 
 def encode_frame(frame: Frame, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
@@ -46,12 +59,12 @@ def encode_frame(frame: Frame, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) 
     peer would reject it, so it is refused before it is sent.
     """
     try:
-        body = msgpack.packb(frame.to_wire(), use_bin_type=True)
+        body = _packer().pack(frame.to_wire())
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidFrame(f"{frame.TAG}: cannot be encoded: {exc}") from exc
     if len(body) > max_frame_size:
         raise FrameTooLarge(len(body), max_frame_size)
-    return len(body).to_bytes(HEADER_SIZE, "big") + body
+    return _HEADER.pack(len(body)) + body
 
 
 def decode_frame_body(body: bytes | memoryview) -> Frame:
@@ -60,9 +73,9 @@ def decode_frame_body(body: bytes | memoryview) -> Frame:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except _UNPACK_ERRORS as exc:
         raise MalformedFrame(f"frame body is not one msgpack object: {exc}") from exc
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:  # msgpack builds plain dicts; anything else is another msgpack type
         raise MalformedFrame(f"frame body is a msgpack {type(obj).__name__}, not a map")
-    return decode_frame_object(obj)
+    return frame_from_map(obj)  # ours alone: consumed, not copied
 
 
 class FrameDecoder:
@@ -92,6 +105,16 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes."""
+        if type(data) is bytes and self._body_length is None and not self._partial and self._error is None:
+            # The usual control and request message: exactly one whole frame in one chunk.
+            size = len(data)
+            if size > HEADER_SIZE and _HEADER.unpack_from(data)[0] == size - HEADER_SIZE <= self.max_frame_size:
+                try:
+                    with memoryview(data) as view:
+                        return [decode_frame_body(view[HEADER_SIZE:])]
+                except ProtocolError as exc:
+                    self._error = exc
+                    raise
         frames, _ = self.feed_until(data, max_frames=None)
         return frames
 
@@ -124,7 +147,7 @@ class FrameDecoder:
         while pos < end and (max_frames is None or len(frames) < max_frames):
             if self._body_length is None:
                 if not self._partial and end - pos >= HEADER_SIZE:
-                    length = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
+                    (length,) = _HEADER.unpack_from(view, pos)
                     pos += HEADER_SIZE
                 else:
                     take = min(HEADER_SIZE - len(self._partial), end - pos)

@@ -166,9 +166,12 @@ class PeerSession:
         stream's bounded send buffer.
         """
         out: list[Transmit] = []
-        if self._control_out is not None and self._control_id is not None:
+        control = self._control_out
+        # has_output first: the transport's per-stream budget asks the QUIC engine, and most
+        # calls (every received datagram, every timer) find nothing queued on the control stream.
+        if control is not None and self._control_id is not None and control.has_output:
             limit = max_bytes_per_stream(self._control_id) if callable(max_bytes_per_stream) else max_bytes_per_stream
-            chunk = self._control_out.take(limit)
+            chunk = control.take(limit)
             if chunk is not None:
                 out.append(chunk)
         self._streams.collect(max_bytes_per_stream, out)
@@ -363,6 +366,15 @@ class PeerSession:
             self._end(exc.wire_code, exc.message, by_peer=False, linger=True, final_frame=frame)
 
     def _on_control(self, frame: Frame, now: float) -> None:
+        # Heartbeats first: they are nearly all the control traffic of an established session
+        # (the same outcome as the chain below, which reaches them last).
+        kind = type(frame)
+        if kind is Ping and self.state is SessionState.ESTABLISHED:
+            self._send_control(Pong(nonce=frame.nonce, sent_at=frame.sent_at))  # type: ignore[attr-defined]
+            return
+        if kind is Pong and self.state is SessionState.ESTABLISHED:
+            self._on_pong(frame, now)  # type: ignore[arg-type]
+            return
         # Frames that end the session are valid in any state, even mid-handshake.
         if isinstance(frame, Refused):
             self._on_refused(frame)

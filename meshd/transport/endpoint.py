@@ -52,7 +52,8 @@ class QuicEndpoint:
         self.socket = UdpSocket.bind(host, port, self.datagrams_received, buffer_bytes=self.settings.udp_buffer_bytes,
                                      batch=self.settings.batch_io)
         bound = self.socket.sockname()
-        log.debug("quic endpoint bound", extra={"fields": {
+        # info: which engine and datagram size a node runs is what an operator asks first.
+        log.info("quic endpoint bound", extra={"fields": {
             "addr": f"{bound[0]}:{bound[1]}", "engine": self.engine.name, "batched_io": self.socket.batched,
             "max_datagram_size": self.settings.max_datagram_size}})
         return bound
@@ -128,6 +129,9 @@ class QuicEndpoint:
         if self.socket is None or not datagrams:
             return
         addr = datagrams[0][1]
+        if len(datagrams) == 1:  # a control message, an ACK: most sends
+            self.socket.send([datagrams[0][0]], addr)
+            return
         payloads = [data for data, target in datagrams if target == addr]
         if len(payloads) == len(datagrams):
             self.socket.send(payloads, addr)

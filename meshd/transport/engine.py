@@ -7,8 +7,10 @@ node's TLS identity and creates connections that also answer the three
 questions the glue asks (``MeshConnection``). The UDP endpoint, the timers
 and batching live in endpoint.py, udp.py and link.py, identical for both.
 
-The default engine is chosen once, at import: ``MESHD_QUIC_ENGINE`` (auto |
-aioquic | qh3; auto = qh3 when installed and usable, else aioquic).
+The default engine is chosen once, at import: qh3 when installed and usable,
+else aioquic. A node that wants a specific engine says so in its settings
+(``EngineSettings(engine=...)``, from ``mesh.engine`` / ``MESHD_QUIC_ENGINE``
+in the daemon's configuration).
 "Usable" means a complete mutual-TLS handshake with Ed25519 certificates
 succeeds in memory, because qh3 support leans on its internals (qh3_tls.py).
 Both engines interoperate; a node may run either.
@@ -27,7 +29,7 @@ from identity import NodeKey, TlsIdentity, create_certificate
 from .engine_aioquic import AioquicEngine
 from .errors import EngineUnavailable
 from .packets import destination_cid
-from .settings import ALPN, CONNECTION_ID_LENGTH, EngineSettings, engine_choice_from_env
+from .settings import ALPN, CONNECTION_ID_LENGTH, EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +63,27 @@ class QuicEngine(Protocol):
 
 
 _loaded: dict[str, QuicEngine] = {}
+# Why an engine could not be loaded: the answer does not change within a process
+# (an import or a self-test that failed once fails again), so it is asked once.
+_unavailable: dict[str, EngineUnavailable] = {}
 
 
 def load_engine(name: str) -> QuicEngine:
     """The engine called ``name``, or ``EngineUnavailable`` saying why not."""
     if name in _loaded:
         return _loaded[name]
-    if name == "aioquic":
-        engine: QuicEngine = AioquicEngine()
-    elif name == "qh3":
-        engine = _load_qh3()
-    else:
-        raise EngineUnavailable(f"unknown QUIC engine {name!r} (expected aioquic or qh3)")
+    if name in _unavailable:
+        raise EngineUnavailable(_unavailable[name].message)
+    try:
+        if name == "aioquic":
+            engine: QuicEngine = AioquicEngine()
+        elif name == "qh3":
+            engine = _load_qh3()
+        else:
+            raise EngineUnavailable(f"unknown QUIC engine {name!r} (expected aioquic or qh3)")
+    except EngineUnavailable as exc:
+        _unavailable[name] = exc
+        raise
     _loaded[name] = engine
     return engine
 
@@ -129,7 +140,10 @@ def handshake_in_memory(client_engine: QuicEngine, server_engine: QuicEngine, *,
     """
     client_tls = client_tls or ephemeral_identity()
     server_tls = server_tls or ephemeral_identity()
-    settings = settings or EngineSettings(engine=client_engine.name)
+    # configuration() reads only the transport fields of the settings; the default
+    # names the reference engine because EngineSettings checks that its engine
+    # loads, and this runs while qh3 is being loaded (its self-test).
+    settings = settings or EngineSettings(engine="aioquic")
     now = time.monotonic()
     client_addr, server_addr = ("127.0.0.1", 1), ("127.0.0.1", 2)
     client = client_engine.connect(client_engine.configuration(client_tls, settings, is_client=True), server_addr, now)
@@ -165,7 +179,7 @@ def handshake_in_memory(client_engine: QuicEngine, server_engine: QuicEngine, *,
     return seen_by_client, seen_by_server
 
 
-DEFAULT_ENGINE: QuicEngine = select_engine(engine_choice_from_env())
+DEFAULT_ENGINE: QuicEngine = select_engine("auto")
 ENGINE_NAME = DEFAULT_ENGINE.name
 # The default engine's event classes (tests and tools that inspect raw QUIC events).
 events = DEFAULT_ENGINE.events

@@ -19,9 +19,18 @@ class TransportError(Exception):
 
 
 class InvalidTransportSettings(TransportError, ValueError):
-    """A setting (or its environment override) is out of range or unknown."""
+    """A setting is out of range or unknown, or names an engine this process cannot run.
+
+    ``setting`` is the ``EngineSettings`` field at fault (the message starts
+    with it), so configuration layers can name their own key instead.
+    """
 
     code = "invalid_transport_settings"
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(f"{setting}: {message}" if setting else message)
+        self.setting = setting
+        self.reason = message  # without the setting's name
 
 
 class EngineUnavailable(TransportError):

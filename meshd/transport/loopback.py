@@ -97,13 +97,13 @@ class Pair:
         await asyncio.wait_for(opened, stall_s)
         ended = self.client.expect(ChannelEnded, sid)
         self.client.received[sid] = 0
-        payload = memoryview(bytes(CHUNK))
+        payload = bytes(CHUNK)  # written as it is: the send buffer keeps bytes without copying
         sent = 0
         start = time.perf_counter()
         while sent < size:
             if session.is_writable(sid):
                 n = min(CHUNK, size - sent)
-                session.send_channel_data(sid, bytes(payload[:n]), end_stream=sent + n >= size)
+                session.send_channel_data(sid, payload if n == CHUNK else payload[:n], end_stream=sent + n >= size)
                 sent += n
                 link.flush()
                 await asyncio.sleep(0)
