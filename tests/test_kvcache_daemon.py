@@ -136,6 +136,8 @@ def test_entry_prefers_the_peer_holding_the_conversation(daemon_factory, tmp_pat
                                                                   max_tokens=8, temperature=0)
     assert raw.headers["x-meshd-node"] == id_s
     assert raw.headers["x-meshd-route"].startswith("peer:" + id_s[:15] + "; cache=prefer;node=" + id_s[:15])
+    usage = raw.parse().usage  # the serving peer's cache hit, reported across the hop
+    assert usage.prompt_tokens_details.cached_tokens > 100, usage
     assert "routing to the holder of the prompt's kv cache" in entry.log()
 
 

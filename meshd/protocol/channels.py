@@ -308,7 +308,8 @@ class RequestSender(StreamChannel):
         elif isinstance(frame, Usage):
             self.state = _Response.DONE
             self._close_our_side()
-            emit.append(RequestCompleted(self.stream_id, self.request_id, frame.prompt_tokens, frame.completion_tokens))
+            emit.append(RequestCompleted(self.stream_id, self.request_id, frame.prompt_tokens, frame.completion_tokens,
+                                         frame.cached_tokens))
         elif isinstance(frame, RequestError):
             self.state = _Response.FAILED
             self._close_our_side()
@@ -410,9 +411,10 @@ class RequestReceiver(StreamChannel):
         self._send(ResponseBody(request_id=request_id, body=body))
         self.state = _Response.BODY
 
-    def send_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def send_usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
         request_id = self._require(_Response.WAITING, _Response.STREAMING, _Response.BODY, action="send usage")
-        usage = Usage(request_id=request_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        usage = Usage(request_id=request_id, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      cached_tokens=cached_tokens)
         self._send(usage, end=True, force=True)
         self.state = _Response.DONE
 

@@ -199,6 +199,7 @@ class RequestCompleted(Event):
     request_id: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

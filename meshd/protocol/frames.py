@@ -538,6 +538,7 @@ class Usage(Frame):
     request_id: Name
     prompt_tokens: NonNegInt
     completion_tokens: NonNegInt
+    cached_tokens: NonNegInt = 0  # prompt tokens the server restored from a KV cache instead of prefilling
 
 
 @frame("request_error")

@@ -298,9 +298,9 @@ class PeerSession:
     def send_response_body(self, stream_id: int, body: dict[str, Any]) -> None:
         self._streams.get(stream_id, RequestReceiver).send_response_body(body)
 
-    def send_usage(self, stream_id: int, prompt_tokens: int, completion_tokens: int) -> None:
+    def send_usage(self, stream_id: int, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
         """Close a served response successfully."""
-        self._streams.get(stream_id, RequestReceiver).send_usage(prompt_tokens, completion_tokens)
+        self._streams.get(stream_id, RequestReceiver).send_usage(prompt_tokens, completion_tokens, cached_tokens)
 
     def send_request_error(self, stream_id: int, code: str, message: str, http_status: int) -> None:
         """Close a served response with an error (``code``/``http_status`` as in meshd.errors)."""

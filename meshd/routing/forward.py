@@ -168,7 +168,7 @@ class RequestMux:
                 await flag.wait()
         else:
             session.send_token(sid, "", finish_reason=item.finish_reason)
-            session.send_usage(sid, item.prompt_tokens, item.completion_tokens)
+            session.send_usage(sid, item.prompt_tokens, item.completion_tokens, item.cached_tokens)
 
     # --- entry side ------------------------------------------------------------------
 
@@ -198,7 +198,8 @@ class RequestMux:
                         yield TextGenerated(chunk.text, tuple(chunk.token_ids or ()))
                 elif isinstance(event, RequestCompleted):
                     finished = True
-                    yield GenerationFinished(finish_reason, event.prompt_tokens, event.completion_tokens)  # type: ignore[arg-type]
+                    yield GenerationFinished(finish_reason, event.prompt_tokens,  # type: ignore[arg-type]
+                                             event.completion_tokens, cached_tokens=event.cached_tokens)
                     return
                 elif isinstance(event, RequestFailed):
                     finished = True
