@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,24 @@ async def test_no_connected_peer_closes_the_connection(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+async def test_only_our_own_user_may_use_the_host_listener(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not shutil.which("python3", path="/usr/bin"):
+        pytest.skip("needs root and /usr/bin/python3 to connect as another user")
+    host, worker, link, echo = await pair(tmp_path)
+    try:
+        port = await tunnel_port(host, link)
+        probe = ("import socket\ns = socket.create_connection(('127.0.0.1', %d)); s.sendall(b'x'); s.settimeout(10)\n"
+                 "try:\n    print(repr(s.recv(10)))\nexcept ConnectionResetError:\n    print('reset')" % port)
+        proc = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-c", probe, user=65534, cwd="/", stdout=asyncio.subprocess.PIPE)  # nobody
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert out.strip() in (b"b''", b"reset")  # closed at once: nothing tunnelled
+        assert echo.writers == []
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # we (root) still may
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        writer.close()
+    finally:
+        close(host, worker)

@@ -54,7 +54,7 @@ class SplitNode:
         self.plans: dict[str, SplitPlan] = {}
         self.shapes: dict[str, ModelShape] = {}
         self._failed: dict[str, float] = {}  # peer -> when its tunnel broke
-        self._listeners: dict[str, Any] = {}  # peer -> asyncio Server on 127.0.0.1
+        self._listeners: dict[tuple[str, str], Any] = {}  # (peer, model) -> asyncio Server on 127.0.0.1
 
     async def start(self) -> None:
         from .rpclib import rpc_support
@@ -181,11 +181,11 @@ class SplitNode:
     async def _listener(self, peer: str, model: str) -> int:
         from identity import NodeId
 
-        server = self._listeners.get(peer)
+        server = self._listeners.get((peer, model))
         if server is None:
             node_id = NodeId.parse(peer)
             server = await self.tunnels.listen(lambda: self.mesh.active.get(node_id), model)
-            self._listeners[peer] = server
+            self._listeners[peer, model] = server
         return int(server.sockets[0].getsockname()[1])
 
     def plan_for(self, spec: ModelSpec, lost: bool) -> Any:

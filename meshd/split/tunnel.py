@@ -102,6 +102,12 @@ class Tunnels:
     async def listen(self, link_for: Callable[[], Any], model: str | None) -> asyncio.base_events.Server:
         """A 127.0.0.1 listener whose connections are tunnelled to the peer ``link_for()`` returns."""
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if not same_user(writer):
+                # Loopback is shared by every local user; only ours (the host child) may use the tunnel.
+                log.warning("tunnel refused: a local connection from another user",
+                            extra={"fields": {"from": str(writer.get_extra_info("peername"))}})
+                writer.close()
+                return
             link = link_for()
             if link is None or link.session is None or not link.session.established:
                 log.warning("tunnel refused: the worker peer is not connected")
@@ -288,6 +294,38 @@ class Tunnels:
         for server in self._servers:
             server.close()
         self._servers.clear()
+
+
+def same_user(writer: asyncio.StreamWriter) -> bool:
+    """Whether the local process at the other end of an accepted 127.0.0.1 connection runs as our uid.
+
+    TCP has no SO_PEERCRED; the kernel's socket table (/proc/net/tcp, this
+    network namespace) lists the client's socket with its owner. Where that
+    table cannot be read the answer is no: a tunnel is never opened on doubt.
+    """
+    import os
+
+    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    if not peer or not local:
+        return False
+    want = (_proc_addr(peer[0], peer[1]), _proc_addr(local[0], local[1]))
+    try:
+        with open("/proc/net/tcp") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if (fields[1], fields[2]) == want:
+                    return int(fields[7]) == os.getuid()
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return False
+
+
+def _proc_addr(host: str, port: int) -> str:
+    """``127.0.0.1:5000`` as /proc/net/tcp writes it: ``0100007F:1388`` (address bytes little-endian)."""
+    import socket
+
+    return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
 
 
 def _settle(future: asyncio.Future | None, error: BaseException | None) -> None:
