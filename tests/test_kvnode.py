@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from identity import NodeId
+from meshd.backends.admission import PrefillRate
 from meshd.config import KvCacheConfig
 from meshd.kvcache import CacheIdentity, PrefixCache, prefix_sha256
 from meshd.kvnode import KvNode, peer_announcements
@@ -23,6 +25,7 @@ def announced(tokens: int) -> dict:
 @dataclass
 class FakeBackend:
     prefix_cache: PrefixCache = field(default_factory=lambda: PrefixCache(1 << 20))
+    prefill_rate: PrefillRate = field(default_factory=PrefillRate)  # nothing measured: no pulls
 
     def cache_identity(self, model: str) -> CacheIdentity | None:
         return CacheIdentity("m", SHA) if model == "m" else None
@@ -37,12 +40,19 @@ class Record:
 
 
 class Mesh:
-    def __init__(self, models: list) -> None:
-        self.table = self
+    """The mesh as KvNode reads it: one connected peer, its announcement, our trust in it."""
+
+    def __init__(self, models: list, roles: frozenset = frozenset({"serve", "cache"})) -> None:
+        self.table = self.trust = self
         self._record = Record(models)
+        self.active = {NodeId.parse(PEER): object()}
+        self.roles = roles
 
     def get(self, node_id):
         return self._record
+
+    def allows(self, node_id, role: str) -> bool:
+        return role in self.roles
 
 
 @dataclass
@@ -56,10 +66,11 @@ def candidates(peer_score: float = 1.0) -> list[Candidate]:
             Candidate(PEER, "peer", "m", peer_score, "trusted peer", identity=SHA)]
 
 
-def plan(models: list, peer_score: float = 1.0):
+def plan(models: list, peer_score: float = 1.0, roles: frozenset = frozenset({"serve", "cache"}),
+         offered: list[Candidate] | None = None):
     node = KvNode(KvCacheConfig(enabled=True), FakeBackend())
-    node.mesh = Mesh(models)
-    return asyncio.run(node.plan(Request(), candidates(peer_score)))
+    node.mesh = Mesh(models, roles)
+    return asyncio.run(node.plan(Request(), candidates(peer_score) if offered is None else offered))
 
 
 def test_the_holder_goes_first_and_says_so():
@@ -72,6 +83,16 @@ def test_a_much_busier_holder_is_passed_over():
     order, header = plan([announced(40)], peer_score=5.0)
     assert [c.target for c in order] == [LOCAL, PEER]
     assert header.startswith("prefill;holder=") and header.endswith("holder_busy")
+
+
+def test_a_holder_that_may_not_serve_is_a_pull_source_only():
+    local_only = candidates()[:1]
+    order, header = plan([announced(40)], roles=frozenset({"cache"}), offered=local_only)
+    assert order == local_only
+    # No prefill speed measured here yet: a pull cannot be justified, so it is prefilled, and said so.
+    assert header == f"prefill;holder={PEER[:15]};tokens=40;holder_not_serving"
+    # Neither serving nor trusted with cache: its announcements are not even looked at.
+    assert plan([announced(40)], roles=frozenset({"use"}), offered=local_only) == (local_only, None)
 
 
 def test_no_holder_changes_nothing():

@@ -107,8 +107,12 @@ def test_kill_9_of_the_serving_peer_mid_stream_is_invisible_to_the_client(three_
     assert "".join(text) == expected
     assert "route attempt failed" in a.log()
     # the final trace of the request is an event too: served, after a failover from the killed node
-    assert wait_until(lambda: "route finished" in a.log(), 5)  # logged when the response is closed
-    finished = [line for line in a.log().splitlines() if "route finished" in line][-1]
+    def finished_lines() -> list[str]:
+        return [line for line in a.log().splitlines() if "route finished" in line]
+
+    # Logged when the response is closed: the streamed request's line follows the first request's.
+    assert wait_until(lambda: len(finished_lines()) >= 2, 10), finished_lines()
+    finished = finished_lines()[-1]
     killed_id = raw.headers["x-meshd-node"]
     assert "outcome=served" in finished and f"failures=peer:{killed_id[:15]}" in finished, finished
 
