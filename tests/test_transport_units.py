@@ -131,3 +131,125 @@ def test_an_engine_error_drops_the_connection_not_the_endpoint() -> None:
 
     closed, reason, alive = asyncio.run(main())
     assert closed and "engine bug" in reason and alive
+
+
+# --- lone acknowledgements wait for an answer to ride on --------------------------------------------
+
+
+class _Quic:
+    """Just enough of an engine connection: records when the link asks it for datagrams."""
+
+    def __init__(self) -> None:
+        self.polls: list[str] = []
+        self.queued_stream_data = False
+        self.sent_stream_data: list[bytes] = []
+
+    def receive_datagrams(self, datagrams: list[bytes], addr: object, now: float) -> None:
+        pass
+
+    def next_event(self) -> None:
+        return None
+
+    def datagrams_to_send(self, now: float) -> list:
+        self.polls.append("poll")
+        return [(b"datagram", ("127.0.0.1", 9))]
+
+    def get_timer(self) -> None:
+        return None
+
+    def stream_data_queued(self) -> bool:
+        return self.queued_stream_data
+
+    def stream_backlog(self, stream_id: int) -> int:
+        return 0
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        self.sent_stream_data.append(data)
+
+
+class _Session:
+    established = True
+
+    def __init__(self) -> None:
+        self.output: list = []
+
+    def data_to_send(self, budget: object) -> list:
+        output, self.output = self.output, []
+        return output
+
+    def next_event(self) -> None:
+        return None
+
+    def next_timer(self) -> None:
+        return None
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        from aioquic.quic import events
+
+        self.engine = type("Engine", (), {"events": events})()
+        self.sent: list[list] = []
+
+    def send(self, datagrams: list) -> None:
+        self.sent.append(datagrams)
+
+
+def _lone_ack_link():  # type: ignore[no-untyped-def]
+    from meshd.transport.link import PeerLink
+
+    endpoint, quic, session = _Endpoint(), _Quic(), _Session()
+    link = PeerLink(endpoint, quic, ("127.0.0.1", 9), is_client=True, expected=None,
+                    make_session=lambda *a: session, on_event=lambda link, event: None, on_closed=lambda link: None)
+    link.session = session
+    return link, endpoint, quic, session
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_a_lone_ack_waits_for_the_loop_then_leaves() -> None:
+    async def main() -> tuple[int, int, int]:
+        link, endpoint, quic, _ = _lone_ack_link()
+        link.datagrams_received([b"pong"], ("127.0.0.1", 9))
+        right_away = len(quic.polls)
+        await _turns(1)
+        after_one = len(quic.polls)
+        await _turns(2)
+        return right_away, after_one, len(endpoint.sent)
+
+    right_away, after_one, sends = asyncio.run(main())
+    assert (right_away, after_one, sends) == (0, 0, 1)
+
+
+def test_a_lone_ack_rides_on_the_answer_sent_meanwhile() -> None:
+    from meshd.protocol import StreamData
+
+    async def main() -> tuple[list, list]:
+        link, endpoint, quic, session = _lone_ack_link()
+        link.datagrams_received([b"pong"], ("127.0.0.1", 9))
+        await _turns(1)  # a coroutine woken by the event answers
+        session.output = [StreamData(0, b"ping", False)]
+        link.flush()
+        await _turns(3)
+        return quic.polls, endpoint.sent
+
+    polls, sent = asyncio.run(main())
+    assert polls == ["poll"] and len(sent) == 1  # one datagram: the answer, with the ACK in it
+
+
+def test_input_that_makes_the_session_answer_or_frees_queued_data_sends_at_once() -> None:
+    from meshd.protocol import StreamData
+
+    async def main() -> tuple[int, int]:
+        link, _, quic, session = _lone_ack_link()
+        session.output = [StreamData(0, b"pong", False)]
+        link.datagrams_received([b"ping"], ("127.0.0.1", 9))
+        answered = len(quic.polls)
+        quic.queued_stream_data = True  # e.g. an ACK opened the congestion window for it
+        link.datagrams_received([b"ack"], ("127.0.0.1", 9))
+        return answered, len(quic.polls)
+
+    assert asyncio.run(main()) == (1, 2)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class MeshConnection(Protocol):
-    """A sans-IO QUIC connection as the glue uses it (aioquic's API, plus three helpers)."""
+    """A sans-IO QUIC connection as the glue uses it (aioquic's API, plus four helpers)."""
 
     host_cid: bytes
 
@@ -51,6 +51,7 @@ class MeshConnection(Protocol):
     def close(self, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = "") -> None: ...
     def peer_certificate(self) -> Any: ...
     def stream_backlog(self, stream_id: int) -> int: ...
+    def stream_data_queued(self) -> bool: ...
 
 
 class QuicEngine(Protocol):

@@ -43,6 +43,10 @@ class AioquicConnection(QuicConnection):
         stream = self._streams.get(stream_id)
         return 0 if stream is None else len(stream.sender._buffer)
 
+    def stream_data_queued(self) -> bool:
+        """Whether any stream has data (or a FIN) it has not sent yet."""
+        return any(not stream.sender.buffer_is_empty for stream in self._streams.values())
+
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         for data in datagrams:
             self.receive_datagram(data, addr, now)

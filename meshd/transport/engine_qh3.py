@@ -123,6 +123,11 @@ class Qh3Connection(QuicConnection):
         except ValueError:
             return 0
 
+    def stream_data_queued(self) -> bool:
+        """Whether any stream has bytes waiting for their first transmission."""
+        core = self._core
+        return core is None or core.get_send_buffer_size(None) > 0
+
     def receive_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         # Established and not tracing: straight to the native core. qh3's own
         # receive_many_datagrams adds a trace call per datagram and a wrapper per

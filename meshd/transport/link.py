@@ -10,6 +10,16 @@ connection's events into the session and the session's output into the
 connection until both are quiet, then send what QUIC has, once, and re-arm
 the timer. Handlers that react to session events by calling ``flush`` inside
 ``process`` only mark it for another round instead of re-entering it.
+
+Lone acknowledgements wait a little: when datagrams from the peer make the
+session say nothing, what QUIC has to send is its own (an ACK, a window
+update), and qh3 acknowledges every second packet at once. That send waits
+until the loop has run what the input made ready (``ACK_WAIT_HOPS`` turns of
+the ready queue: a coroutine awaiting the event resumes within two), so an
+answer the application sends meanwhile carries the acknowledgement in the
+same datagram; if it sends nothing, the ACK leaves a few loop turns late
+(microseconds, far inside QUIC's ack delay). In a ping/pong it saves the
+peer a wake-up and a receive every other round trip.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ EventHandler = Callable[["PeerLink", Event], None]
 class PeerLink:
     # Stop pulling from the session while QUIC holds this much of a stream's data.
     QUIC_STREAM_BACKLOG = 2 * 1024 * 1024
+    # Loop turns a lone acknowledgement waits for an answer to ride on (module docstring).
+    ACK_WAIT_HOPS = 2
 
     def __init__(self, endpoint: Any, quic: MeshConnection, addr: tuple[str, int], *, is_client: bool,
                  expected: NodeId | None, make_session: SessionFactory, on_event: EventHandler,
@@ -67,9 +79,12 @@ class PeerLink:
         self._timer = LinkTimer(self._on_timer)
         self._processing = False
         self._again = False
+        self._handed = 0  # session transmits handed to QUIC in the current process()
+        self._send_waiting = False  # a lone acknowledgement waits for the loop (module docstring)
+        self._loop = asyncio.get_running_loop()
         self._handlers = _handlers_for(endpoint.engine.events)
         self.created_at = clock()
-        self.connected = asyncio.get_running_loop().create_future()  # resolves with the session or an error
+        self.connected = self._loop.create_future()  # resolves with the session or an error
 
     @property
     def timer_runs(self) -> int:
@@ -84,15 +99,16 @@ class PeerLink:
         except Exception as exc:  # an engine bug must cost this connection, not the endpoint
             self._engine_failed(exc, now)
             return
-        self.process(now)
+        self.process(now, from_peer=True)
 
-    def process(self, now: float | None = None) -> None:
+    def process(self, now: float | None = None, *, from_peer: bool = False) -> None:
         """Drain QUIC events into the session and the session's output into QUIC; then send."""
         if self._processing:
             self._again = True  # a handler flushed from inside: one more round, below
             return
         now = self._clock.now(now or 0.0)
         self._processing = True
+        self._handed = 0
         try:
             while True:
                 self._again = False
@@ -103,13 +119,44 @@ class PeerLink:
                     break
         finally:
             self._processing = False
+        if from_peer and not self._handed and self._only_acks_to_send():
+            # QUIC's own output only (an ACK): let an answer catch up with it (module docstring).
+            # The timer is left as armed: the deferred send re-arms it.
+            if not self._send_waiting:
+                self._send_waiting = True
+                self._loop.call_soon(self._send_lone_ack, self.ACK_WAIT_HOPS - 1)
+            return
+        self._send(now)
+
+    def _only_acks_to_send(self) -> bool:
+        # Not while connecting (handshake flights go at once), nor when QUIC holds
+        # stream data: an ACK from the peer may have opened the window for it.
+        session = self.session
+        if session is None or not session.established or self.closed:
+            return False
+        try:
+            return not self.quic.stream_data_queued()
+        except Exception:  # an engine bug: send as usual, the send reports it
+            return False
+
+    def _send(self, now: float) -> None:
+        self._send_waiting = False  # whatever waited leaves with this
         try:
             datagrams = self.quic.datagrams_to_send(now)
         except Exception as exc:
             self._engine_failed(exc, now)
             return
-        self.endpoint.send(datagrams)
+        if datagrams:
+            self.endpoint.send(datagrams)
         self._arm_timer()
+
+    def _send_lone_ack(self, hops: int) -> None:
+        if not self._send_waiting or self.closed:
+            return  # sent meanwhile (riding on an answer), or gone
+        if hops > 0:
+            self._loop.call_soon(self._send_lone_ack, hops - 1)
+            return
+        self._send(self._clock.now())
 
     # --- QUIC events ---------------------------------------------------------------
 
@@ -170,7 +217,9 @@ class PeerLink:
         session = self.session
         if session is None:
             return
-        for item in session.data_to_send(self._pull_budget):
+        items = session.data_to_send(self._pull_budget)
+        self._handed += len(items)
+        for item in items:
             if isinstance(item, StreamData):
                 self.quic.send_stream_data(item.stream_id, item.data, item.end_stream)
             elif isinstance(item, ResetStream):
