@@ -363,8 +363,9 @@ def test_aioquic_on_uvloop_without_the_fix_wastes_timer_runs_and_with_it_does_no
     legacy = _legacy_link_class()
     started = time.monotonic()
     _real_transfer(legacy, monkeypatch)
-    # The old glue's early pacing/ack timers come back unchanged, over and over.
-    assert legacy.wasted >= 20, legacy.wasted
+    # The old glue's early pacing/ack timers come back unchanged, over and over (28 to 98 times
+    # in eight runs of this 6 MiB transfer; how many depends on scheduling, hence the low bar).
+    assert legacy.wasted >= 5, legacy.wasted
     fixed = _fixed_link_class()
     transfer = _real_transfer(fixed, monkeypatch)
     assert transfer.ok and not transfer.stalled, transfer
