@@ -231,15 +231,18 @@ class KvNode:
         from .kvcache import plan_cache
         from .routing.router import LOCAL
 
-        rates = {peer: self.link_throughput(peer)[0] for peer in announced if peer != LOCAL}
-        plan = plan_cache(prompt, sha256, LOCAL, announced, prefill_tokens_per_s=self.backend.prefill_rate.value,
+        # Only peers trusted with `cache` may send us one (the session would refuse the others).
+        sources = {peer: items for peer, items in announced.items()
+                   if peer == LOCAL or self.mesh.trust.allows(NodeId.parse(peer), "cache")}
+        rates = {peer: self.link_throughput(peer)[0] for peer in sources if peer != LOCAL}
+        plan = plan_cache(prompt, sha256, LOCAL, sources, prefill_tokens_per_s=self.backend.prefill_rate.value,
                           link_bytes_per_s=rates)
         if plan.action != "pull" or plan.holder is None or plan.prefix_sha256 is None:
             log.debug("kv cache not pulled", extra=fields(request_id=request.request_id, reason=plan.reason))
             return None
         holder = plan.holder
         link = self.mesh.active.get(NodeId.parse(holder))
-        item = next(a for a in announced[holder] if a.prefix_sha256 == plan.prefix_sha256)
+        item = next(a for a in sources[holder] if a.prefix_sha256 == plan.prefix_sha256)
         measured = self.link_throughput(holder)[1]
         budget = max(PULL_TIMEOUT_FLOOR_S, 4 * (plan.transfer_s or 0.0))
         started = time.monotonic()

@@ -67,8 +67,10 @@ def candidates(peer_score: float = 1.0) -> list[Candidate]:
 
 
 def plan(models: list, peer_score: float = 1.0, roles: frozenset = frozenset({"serve", "cache"}),
-         offered: list[Candidate] | None = None):
-    node = KvNode(KvCacheConfig(enabled=True), FakeBackend())
+         offered: list[Candidate] | None = None, prefill_tokens_per_s: float | None = None):
+    backend = FakeBackend()
+    backend.prefill_rate.value = prefill_tokens_per_s
+    node = KvNode(KvCacheConfig(enabled=True), backend)
     node.mesh = Mesh(models, roles)
     return asyncio.run(node.plan(Request(), candidates(peer_score) if offered is None else offered))
 
@@ -93,6 +95,13 @@ def test_a_holder_that_may_not_serve_is_a_pull_source_only():
     assert header == f"prefill;holder={PEER[:15]};tokens=40;holder_not_serving"
     # Neither serving nor trusted with cache: its announcements are not even looked at.
     assert plan([announced(40)], roles=frozenset({"use"}), offered=local_only) == (local_only, None)
+
+
+def test_a_busy_holder_not_trusted_with_cache_is_never_asked_for_it():
+    # Prefill is slow here, so a pull would pay off; but the holder may serve, not send caches.
+    order, header = plan([announced(40)], peer_score=5.0, roles=frozenset({"serve"}), prefill_tokens_per_s=1.0)
+    assert [c.target for c in order] == [LOCAL, PEER]
+    assert header == f"prefill;holder={PEER[:15]};tokens=40;holder_busy"
 
 
 def test_no_holder_changes_nothing():
