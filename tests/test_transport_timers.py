@@ -60,7 +60,7 @@ def test_link_timer_runs_once_per_deadline_on_uvloop() -> None:
             timer = LinkTimer(lambda deadline: calls.append((deadline, timers.clock())))
             deadline = timers.clock() + ahead
             timer.arm(deadline)
-            timer.arm(deadline + 0.5)  # moved later: the armed handle is kept, then re-armed lazily
+            timer.arm(deadline + 0.5)  # moved far later: re-armed at once
             timer.arm(deadline)  # and back
             await asyncio.sleep(ahead + 0.01)
             results.extend((d, at, len(calls)) for d, at in calls)
@@ -69,7 +69,7 @@ def test_link_timer_runs_once_per_deadline_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         for deadline, ran_at, _ in runner.run(main()):
-            assert ran_at >= deadline - timers.LOOP_TICK_S - 0.0005
+            assert ran_at >= deadline - timers.EARLY_RUN_S
 
 
 # --- a deterministic model of uvloop's clock, driving real aioquic connections ------------------
@@ -140,6 +140,44 @@ class UvClockLoop:
                     self.t += self.cost
                     handle[2]()
         return True
+
+
+def _model_timer(monkeypatch: pytest.MonkeyPatch, start: float) -> tuple[UvClockLoop, LinkTimer, list[tuple[float, float]]]:
+    loop = UvClockLoop(cost=1e-6)
+    loop.t = start
+    monkeypatch.setattr(timers, "clock", loop.monotonic)
+    calls: list[tuple[float, float]] = []
+    timer = LinkTimer(lambda deadline: calls.append((deadline, loop.monotonic())), loop=loop)
+    return loop, timer, calls
+
+
+def test_link_timer_run_early_by_the_ms_clock_waits_instead_of_calling_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qh3's 1 ms delayed-ACK timer, armed 0.9 ms into a millisecond: the ms clock runs it 0.1 ms later.
+
+    Calling back then would send the ACK 0.9 ms early, in a datagram of its own that the next
+    message would have carried; the timer is armed again and calls back within half a tick.
+    """
+    loop, timer, calls = _model_timer(monkeypatch, 1000.0009)
+    deadline = loop.monotonic() + 0.001
+    timer.arm(deadline)
+    assert loop.run_until(lambda: bool(calls), 1.0)
+    assert len(calls) == 1 and calls[0][0] == deadline
+    assert calls[0][1] >= deadline - timers.EARLY_RUN_S
+    assert timer.armed == 2 and loop.callbacks == 2  # one early run re-armed, then the callback
+
+
+def test_link_timer_re_arms_at_once_when_the_deadline_moves_far_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short timer that went away (the ACK left with a message): the old handle must not wake the loop."""
+    loop, timer, calls = _model_timer(monkeypatch, 1000.0002)
+    now = loop.monotonic()
+    timer.arm(now + 0.001)  # delayed ACK
+    timer.arm(now + 0.027)  # the ACK was sent; the loss timer is next
+    assert timer.armed == 2
+    assert loop.run_until(lambda: bool(calls), 1.0)
+    assert calls == [(now + 0.027, calls[0][1])] and loop.callbacks == 1
+    timer.arm(loop.monotonic() + 0.010)
+    timer.arm(loop.monotonic() + 0.0105)  # a little later (idle and loss timers on every packet): kept
+    assert timer.armed == 3
 
 
 class ModelGlue:

@@ -98,6 +98,12 @@ class QuicEndpoint:
 
     def datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
         """One read burst: hand each run of datagrams for one connection to it at once."""
+        if len(batch) == 1:  # a control message or an ACK: most wake-ups outside bulk transfers
+            data, addr = batch[0]
+            link = self._link_for(data, addr)
+            if link is not None:
+                link.datagrams_received([data], addr)
+            return
         run: list[bytes] = []
         run_link: PeerLink | None = None
         run_addr: Address | None = None

@@ -33,9 +33,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# The coarsest loop timer granularity (libuv counts milliseconds): a timer that
-# runs less than this before its deadline has reached it.
+# The coarsest loop timer granularity (libuv counts milliseconds).
 LOOP_TICK_S = 0.001
+# A timer that runs less than this before its deadline has reached it; one that
+# runs earlier is armed again. Half a tick: uvloop runs a 1 ms timer anywhere
+# from ~0 to 1 ms after it was armed (its clock counts whole milliseconds), so
+# with a whole tick nearly every one ran early, and qh3's 1 ms delayed-ACK
+# timer then sent a lone ACK that the next message would have carried, waking
+# the peer once more per several round trips. A delay above half a tick is
+# rounded to at least one whole tick, so the new handle waits for the clock
+# to move on: at most one or two more runs per deadline, never a storm.
+EARLY_RUN_S = LOOP_TICK_S / 2
 
 
 def clock() -> float:
@@ -70,11 +78,16 @@ class LinkTimer:
     """One timer on the running loop; ``callback(deadline)`` runs once the deadline is reached.
 
     Re-arming is lazy: a connection's deadline moves on nearly every packet,
-    mostly later (idle and acknowledgement timers), and cancelling and
+    mostly a little later (idle and loss timers), and cancelling and
     creating a loop timer each time costs more than the packet. A handle
-    armed for an earlier time is kept; when it runs and the deadline has
-    moved on by more than a tick, it is re-armed for the new one instead of
-    calling back. Only a deadline earlier than the armed one re-arms at once.
+    armed up to a tick before the deadline is kept; when it runs and the
+    deadline has moved on by more than half a tick, it is re-armed for the new
+    one instead of calling back. A deadline earlier than the armed one, or
+    more than a tick later, re-arms at once: the latter is a short timer that
+    went away (qh3's delayed ACK, sent with the next message), and keeping
+    its handle would wake an otherwise idle process only to re-arm it, which
+    costs far more than re-arming now (a wake-up per few round trips in a
+    ping/pong, on each side).
     """
 
     __slots__ = ("_loop", "_callback", "_handle", "_armed_at", "deadline", "fired", "armed")
@@ -90,8 +103,9 @@ class LinkTimer:
 
     def arm(self, deadline: float | None) -> None:
         self.deadline = deadline
-        if deadline is None or (self._handle is not None and self._armed_at <= deadline):
-            return  # nothing to wait for, or the armed handle runs first and re-arms
+        if deadline is None or (self._handle is not None
+                                and self._armed_at <= deadline <= self._armed_at + LOOP_TICK_S):
+            return  # nothing to wait for, or the armed handle runs about then and re-arms
         if self._handle is not None:
             self._handle.cancel()
         self._start(deadline, clock())
@@ -113,12 +127,12 @@ class LinkTimer:
         if deadline is None:
             return
         now = clock()
-        if deadline - now > LOOP_TICK_S:
-            self._start(deadline, now)  # the deadline moved on since this handle was armed
+        if deadline - now > EARLY_RUN_S:
+            self._start(deadline, now)  # the deadline moved on since this handle was armed, or the loop ran it early
             return
         self.deadline = None
         self.fired += 1
         self._callback(deadline)
 
 
-__all__ = ["LOOP_TICK_S", "EngineClock", "LinkTimer", "clock", "timer_delay"]
+__all__ = ["EARLY_RUN_S", "LOOP_TICK_S", "EngineClock", "LinkTimer", "clock", "timer_delay"]

@@ -126,9 +126,30 @@ class UdpSocket:
     # --- receiving -----------------------------------------------------------------
 
     def _readable(self) -> None:
-        batch: list[tuple[bytes, Address]] = []
+        state = self._state
+        if state is not None:
+            # A control message wakes the socket for one datagram: hand quinn-udp's
+            # list on as it is (no burst list, no copy). A full batch means more
+            # may be waiting: drain the burst as usual.
+            try:
+                received = state.recv()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp receive error", extra={"fields": {"error": str(exc)}})
+                return
+            stats = self.stats
+            stats["recv_calls"] += 1
+            if len(received) < BATCH_FULL:
+                if received:
+                    stats["recv_datagrams"] += len(received)
+                    self._on_datagrams(received)
+                return
+            batch = list(received)
+        else:
+            batch = []
         try:
-            if self._state is not None:
+            if state is not None:
                 self._read_batched(batch)
             else:
                 self._read_plain(batch)
