@@ -31,20 +31,20 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import KvCacheConfig
+from .errors import MeshdError
 from .kvcache import (
     CacheTransfers,
-    PrefixAnnouncement,
-    find_holders,
     DrainReport,
     KVBundle,
     KVCacheError,
+    PrefixAnnouncement,
     PrefixCache,
     bundle_from_state,
     drain_caches,
     drain_targets,
+    find_holders,
     state_from_bundle,
 )
-from .errors import MeshdError
 from .logs import fields
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_kvcache_bundle import (  # tests/ is on sys.path (rootdir conftest)
+    base_descriptor,
+    make_state,
+)
+from test_kvcache_llama import greedy  # tests/ is on sys.path (rootdir conftest)
 
-from identity import NodeKey
-from identity.tls import load_or_create_tls_identity
+from identity import TlsIdentity
 from meshd.kvcache import (
     CacheIdentity,
     CacheReceived,
@@ -26,18 +30,18 @@ from meshd.kvcache import (
     prefix_sha256,
 )
 from meshd.kvcache.transfer import CacheTransfers
-from meshd.protocol import ROLES, PeerSession, trust_roles
+from meshd.protocol import ROLES
 from meshd.transport.endpoint import QuicEndpoint
+from meshd.transport.engine import ephemeral_identity
+from meshd.transport.loopback import trusting_endpoint
 from meshd.transport.settings import EngineSettings
-from test_kvcache_bundle import base_descriptor, make_state  # tests/ is on sys.path (rootdir conftest)
-from test_kvcache_llama import greedy  # tests/ is on sys.path (rootdir conftest)
 
 SHA = "ab" * 32
 
 
 @dataclasses.dataclass
 class Node:
-    key: NodeKey
+    tls: TlsIdentity
     endpoint: QuicEndpoint
     transfers: CacheTransfers
     stored: list[tuple[str, KVBundle]]
@@ -45,32 +49,23 @@ class Node:
     port: int = 0
 
 
-async def make_node(tmp: Path, name: str, *, grants: Iterable[str] = ROLES, sha: str = SHA,
+async def make_node(*, grants: Iterable[str] = ROLES, sha: str = SHA,
                     lookup: Any = None, store: Any = None) -> Node:
-    key = NodeKey.generate()
-    tls = load_or_create_tls_identity(tmp / name, key=key)
+    tls = ephemeral_identity()
     stored: list[tuple[str, KVBundle]] = []
     events: list[Any] = []
     identity = CacheIdentity("m", sha)
     transfers = CacheTransfers(lambda model: identity if model == "m" else None,
                                store=store or (lambda peer, bundle: stored.append((peer, bundle))), lookup=lookup,
                                chunk_size=256 << 10, on_event=events.append)
-    granted = frozenset(grants)
-
-    def make_session(link: Any, node_id: Any, now: float) -> PeerSession:
-        return PeerSession(local_node_id=str(key.node_id), peer_node_id=str(node_id), is_client=link.is_client,
-                           now=now, is_trusted=trust_roles(granted), verify_capabilities=lambda r, n, t: {})
-
-    endpoint = QuicEndpoint(tls, EngineSettings(), make_session=make_session,
-                            on_event=lambda link, event: transfers.handle(link, event),
-                            on_link_closed=lambda link: None, on_link_created=lambda link: None)
-    node = Node(key, endpoint, transfers, stored, events)
+    endpoint = trusting_endpoint(EngineSettings(), transfers.handle, tls=tls, roles=grants)
+    node = Node(tls, endpoint, transfers, stored, events)
     node.port = (await endpoint.listen("127.0.0.1", 0))[1]
     return node
 
 
 async def connect(a: Node, b: Node) -> Any:
-    link = a.endpoint.dial("127.0.0.1", b.port, expected=b.key.node_id)
+    link = a.endpoint.dial("127.0.0.1", b.port, expected=b.tls.node_id)
     await asyncio.wait_for(link.connected, 10)
     return link
 
@@ -80,12 +75,12 @@ def synthetic(n: int = 300, seed: int = 0) -> KVBundle:
 
 
 @pytest.fixture
-async def pair(tmp_path: Path):
+async def pair():
     nodes: list[Node] = []
 
     async def factory(**b_kwargs: Any) -> tuple[Node, Node, Any]:
-        a = await make_node(tmp_path, "a")
-        b = await make_node(tmp_path, "b", **b_kwargs)
+        a = await make_node()
+        b = await make_node(**b_kwargs)
         nodes.extend([a, b])
         return a, b, await connect(a, b)
 
@@ -100,11 +95,11 @@ async def test_push_delivers_a_verified_cache(pair) -> None:
     bundle = synthetic()
     await asyncio.wait_for(a.transfers.push(link, bundle), 30)  # returns after B's receipt (its FIN)
     ((peer, received),) = b.stored
-    assert peer == str(a.key.node_id)
+    assert peer == str(a.tls.node_id)
     assert received.descriptor == bundle.descriptor and b.transfers.received == 1
     d = bundle.descriptor
-    assert b.events == [CacheReceived(str(a.key.node_id), SHA, d.prefix_sha256, 300, d.wire_bytes, "raw")]
-    assert a.events == [CacheSent(str(b.key.node_id), d.prefix_sha256, 300, d.wire_bytes)]
+    assert b.events == [CacheReceived(str(a.tls.node_id), SHA, d.prefix_sha256, 300, d.wire_bytes, "raw")]
+    assert a.events == [CacheSent(str(b.tls.node_id), d.prefix_sha256, 300, d.wire_bytes)]
 
 
 async def test_pull_fetches_an_announced_prefix(pair) -> None:

@@ -20,12 +20,22 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from meshd.backends.base import ChatMessage, GenerationFinished, GenerationRequest, SamplingParams, TextGenerated
-from meshd.errors import BackendError, ContextLengthExceeded, RateLimited, ServiceUnavailable
-from meshd.split import hostwire
-
 from conftest import free_port
+
+from meshd.backends.base import (
+    ChatMessage,
+    GenerationFinished,
+    GenerationRequest,
+    SamplingParams,
+    TextGenerated,
+)
+from meshd.errors import (
+    BackendError,
+    ContextLengthExceeded,
+    RateLimited,
+    ServiceUnavailable,
+)
+from meshd.split import hostwire
 
 N_CTX = 512
 THREADS = 2

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from test_mesh_netns import FAST, lab_factory, netns_daemons, ready, states, wait_until  # noqa: F401
 
 from meshd.backends.base import ChatMessage, GenerationRequest, SamplingParams
-from test_mesh_netns import FAST, lab_factory, netns_daemons, ready, states, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.netns
 

@@ -12,16 +12,16 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from identity import NodeKey
-from identity.tls import load_or_create_tls_identity
-from meshd.protocol import ROLES, PeerSession, trust_roles
+from identity import TlsIdentity
+from meshd.protocol import ROLES
 from meshd.split.tunnel import Tunnels
 from meshd.transport.endpoint import QuicEndpoint
+from meshd.transport.engine import ephemeral_identity
+from meshd.transport.loopback import trusting_endpoint
 from meshd.transport.settings import EngineSettings
 
 
@@ -50,7 +50,7 @@ class EchoServer:
 
 @dataclasses.dataclass
 class Node:
-    key: NodeKey
+    tls: TlsIdentity
     endpoint: QuicEndpoint
     tunnels: Tunnels
     lost: list[tuple[str, str]]
@@ -58,9 +58,7 @@ class Node:
     port: int = 0
 
 
-async def make_node(tmp: Path, name: str, *, grants: Iterable[str] = ROLES, local_port: int | None = None) -> Node:
-    key = NodeKey.generate()
-    tls = load_or_create_tls_identity(tmp / name, key=key)
+async def make_node(*, grants: Iterable[str] = ROLES, local_port: int | None = None) -> Node:
     lost: list[tuple[str, str]] = []
     released: list[str] = []
 
@@ -68,26 +66,19 @@ async def make_node(tmp: Path, name: str, *, grants: Iterable[str] = ROLES, loca
         return await asyncio.open_connection("127.0.0.1", local_port)
 
     tunnels = Tunnels(connect_local if local_port else None, released.append, lambda p, why: lost.append((p, why)))
-    granted = frozenset(grants)
-
-    def make_session(link: Any, node_id: Any, now: float) -> PeerSession:
-        return PeerSession(local_node_id=str(key.node_id), peer_node_id=str(node_id), is_client=link.is_client,
-                           now=now, is_trusted=trust_roles(granted), verify_capabilities=lambda r, n, t: {})
-
-    endpoint = QuicEndpoint(tls, EngineSettings(), make_session=make_session,
-                            on_event=lambda link, event: tunnels.handle(link, event),
-                            on_link_closed=lambda link: None, on_link_created=lambda link: None)
-    node = Node(key, endpoint, tunnels, lost, released)
+    tls = ephemeral_identity()
+    endpoint = trusting_endpoint(EngineSettings(), tunnels.handle, tls=tls, roles=grants)
+    node = Node(tls, endpoint, tunnels, lost, released)
     node.port = (await endpoint.listen("127.0.0.1", 0))[1]
     return node
 
 
-async def pair(tmp: Path, *, worker_grants: Iterable[str] = ROLES, serve: bool = True) -> tuple[Node, Node, Any, EchoServer]:
+async def pair(*, worker_grants: Iterable[str] = ROLES, serve: bool = True) -> tuple[Node, Node, Any, EchoServer]:
     echo = EchoServer()
     port = await echo.start()
-    host = await make_node(tmp, "host")
-    worker = await make_node(tmp, "worker", grants=worker_grants, local_port=port if serve else None)
-    link = host.endpoint.dial("127.0.0.1", worker.port, expected=worker.key.node_id)
+    host = await make_node()
+    worker = await make_node(grants=worker_grants, local_port=port if serve else None)
+    link = host.endpoint.dial("127.0.0.1", worker.port, expected=worker.tls.node_id)
     await asyncio.wait_for(link.connected, 10)
     return host, worker, link, echo
 
@@ -103,8 +94,8 @@ def close(*nodes: Node) -> None:
         node.endpoint.close()
 
 
-async def test_bytes_cross_both_ways_intact(tmp_path: Path) -> None:
-    host, worker, link, _ = await pair(tmp_path)
+async def test_bytes_cross_both_ways_intact() -> None:
+    host, worker, link, _ = await pair()
     try:
         port = await tunnel_port(host, link)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -132,15 +123,15 @@ async def test_bytes_cross_both_ways_intact(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert (worker.tunnels.open_count, host.tunnels.open_count) == (0, 0)
-        assert worker.released == [str(host.key.node_id)]
+        assert worker.released == [str(host.tls.node_id)]
         assert host.lost == []  # we closed first: nothing was lost
     finally:
         close(host, worker)
 
 
-async def test_peer_without_tensor_trust_gets_nothing(tmp_path: Path) -> None:
+async def test_peer_without_tensor_trust_gets_nothing() -> None:
     # The worker grants the host every role but `tensor`: the channel is refused before any local connection.
-    host, worker, link, echo = await pair(tmp_path, worker_grants=[r for r in ROLES if r != "tensor"])
+    host, worker, link, echo = await pair(worker_grants=[r for r in ROLES if r != "tensor"])
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
         writer.write(b"hello")
@@ -150,8 +141,8 @@ async def test_peer_without_tensor_trust_gets_nothing(tmp_path: Path) -> None:
         close(host, worker)
 
 
-async def test_a_node_that_is_not_a_worker_refuses(tmp_path: Path) -> None:
-    host, worker, link, echo = await pair(tmp_path, serve=False)
+async def test_a_node_that_is_not_a_worker_refuses() -> None:
+    host, worker, link, echo = await pair(serve=False)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
         writer.write(b"hello")
@@ -161,8 +152,8 @@ async def test_a_node_that_is_not_a_worker_refuses(tmp_path: Path) -> None:
         close(host, worker)
 
 
-async def test_losing_the_local_end_reaches_the_host_as_a_loss(tmp_path: Path) -> None:
-    host, worker, link, echo = await pair(tmp_path)
+async def test_losing_the_local_end_reaches_the_host_as_a_loss() -> None:
+    host, worker, link, echo = await pair()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
         writer.write(b"ping")
@@ -173,14 +164,14 @@ async def test_losing_the_local_end_reaches_the_host_as_a_loss(tmp_path: Path) -
             if host.lost:
                 break
             await asyncio.sleep(0.05)
-        assert [peer for peer, _ in host.lost] == [str(worker.key.node_id)]
+        assert [peer for peer, _ in host.lost] == [str(worker.tls.node_id)]
         assert host.lost[0][1] in ("ended", "tunnel_broken")
     finally:
         close(host, worker)
 
 
-async def test_listener_is_loopback_only(tmp_path: Path) -> None:
-    host, worker, link, _ = await pair(tmp_path)
+async def test_listener_is_loopback_only() -> None:
+    host, worker, link, _ = await pair()
     try:
         server = await host.tunnels.listen(lambda: link, "m")
         assert {s.getsockname()[0] for s in server.sockets} == {"127.0.0.1"}
@@ -188,8 +179,8 @@ async def test_listener_is_loopback_only(tmp_path: Path) -> None:
         close(host, worker)
 
 
-async def test_no_connected_peer_closes_the_connection(tmp_path: Path) -> None:
-    host, worker, link, _ = await pair(tmp_path)
+async def test_no_connected_peer_closes_the_connection() -> None:
+    host, worker, link, _ = await pair()
     try:
         server = await host.tunnels.listen(lambda: None, "m")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
@@ -202,10 +193,10 @@ if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
 
 
-async def test_only_our_own_user_may_use_the_host_listener(tmp_path: Path) -> None:
+async def test_only_our_own_user_may_use_the_host_listener() -> None:
     if os.geteuid() != 0 or not shutil.which("python3", path="/usr/bin"):
         pytest.skip("needs root and /usr/bin/python3 to connect as another user")
-    host, worker, link, echo = await pair(tmp_path)
+    host, worker, link, echo = await pair()
     try:
         port = await tunnel_port(host, link)
         probe = ("import socket\ns = socket.create_connection(('127.0.0.1', %d)); s.sendall(b'x'); s.settimeout(10)\n"

@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,8 @@ from ..protocol import (
     StreamWritable,
     WireCode,
 )
+from ..transport.channel_io import settle, wait_writable
+from ..transport.timers import clock
 from .bundle import DEFAULT_CHUNK, KVBundle
 from .channel import CacheStreamReceiver, cache_stream, check_offer, offer_for
 from .errors import CacheTransferError, KVCacheError
@@ -111,7 +112,7 @@ class CacheTransfers:
 
     async def _open(self, link: Any, setup: CacheOffer | CacheRequest, receiver: CacheStreamReceiver | None = None) -> _Channel:
         session = link.session
-        stream_id = session.open_channel(setup, link_now())
+        stream_id = session.open_channel(setup, clock())
         channel = _Channel(link, stream_id, receiver=receiver, opened=asyncio.get_running_loop().create_future())
         self._channels[(id(link), stream_id)] = channel
         link.flush()
@@ -136,9 +137,10 @@ class CacheTransfers:
         if channel is None:
             return False
         if isinstance(event, ChannelOpened):
-            _resolve(channel.opened, None)
+            settle(channel.opened, None)
         elif isinstance(event, ChannelRefused):
-            _fail(channel.opened, CacheTransferError(f"peer refused the cache channel: {event.code}: {event.message}"))
+            settle(channel.opened,
+                   error=CacheTransferError(f"peer refused the cache channel: {event.code}: {event.message}"))
             self._forget(channel)
         elif isinstance(event, StreamWritable):
             channel.writable.set()
@@ -147,8 +149,8 @@ class CacheTransfers:
         elif isinstance(event, ChannelEnded):
             self._ended(channel)
         elif isinstance(event, ChannelAborted):
-            _fail(channel.opened, CacheTransferError(f"cache channel aborted: {event.code}"))
-            _fail(channel.done, CacheTransferError(f"cache channel aborted by the peer: {event.code}"))
+            settle(channel.opened, error=CacheTransferError(f"cache channel aborted: {event.code}"))
+            settle(channel.done, error=CacheTransferError(f"cache channel aborted by the peer: {event.code}"))
             if channel.sender is not None:
                 channel.sender.cancel()
             self._forget(channel)
@@ -198,7 +200,7 @@ class CacheTransfers:
             if channel.sent is not None:
                 d = channel.sent.descriptor
                 self._on_event(CacheSent(str(channel.link.node_id), d.prefix_sha256, d.n_tokens, d.wire_bytes))
-            _resolve(channel.done, None)
+            settle(channel.done, None)
             self._forget(channel)
             return
         try:
@@ -220,7 +222,7 @@ class CacheTransfers:
         log.info("kv cache received", extra={"fields": {
             "peer": peer, "tokens": bundle.descriptor.n_tokens, "bytes": bundle.descriptor.wire_bytes,
             "wire": bundle.descriptor.wire}})
-        _resolve(channel.done, bundle)
+        settle(channel.done, bundle)
         channel.link.session.finish_stream(channel.stream_id)
         channel.link.flush()
         self._forget(channel)
@@ -230,7 +232,7 @@ class CacheTransfers:
         self._on_event(CacheRejected(str(channel.link.node_id), exc.code, str(exc)))
         log.warning("kv cache rejected", extra={"fields": {
             "peer": str(channel.link.node_id), "code": exc.code, "error": str(exc)}})
-        _fail(channel.done, exc)
+        settle(channel.done, error=exc)
         if channel.sender is not None:
             channel.sender.cancel()
         # The peer learns *that* we rejected it; the reason stays in our log.
@@ -241,9 +243,7 @@ class CacheTransfers:
     async def _send(self, channel: _Channel, pieces: Iterator[bytes]) -> None:
         session, link = channel.link.session, channel.link
         for piece in pieces:
-            while not session.is_writable(channel.stream_id):
-                channel.writable.clear()
-                await channel.writable.wait()
+            await wait_writable(session, channel.stream_id, channel.writable)
             session.send_channel_data(channel.stream_id, piece)
             link.flush()
             await asyncio.sleep(0)  # let acks and the peer's reset in between pieces
@@ -261,19 +261,3 @@ class CacheTransfers:
     @staticmethod
     def _transfer_id() -> int:
         return int.from_bytes(os.urandom(8), "little")
-
-
-def link_now() -> float:
-    # The clock PeerLink feeds its session: the transport's clock is CLOCK_MONOTONIC.
-    return time.monotonic()
-
-
-def _resolve(future: asyncio.Future | None, value: Any) -> None:
-    if future is not None and not future.done():
-        future.set_result(value)
-
-
-def _fail(future: asyncio.Future | None, exc: BaseException) -> None:
-    if future is not None and not future.done():
-        future.set_exception(exc)
-        future.exception()  # marked retrieved: nobody may be waiting any more

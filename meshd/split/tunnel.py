@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,8 @@ from ..protocol import (
     TensorOpen,
     WireCode,
 )
+from ..transport.channel_io import settle, wait_writable
+from ..transport.timers import clock
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Tunnels:
     async def _open(self, link: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     model: str | None) -> None:
         setup = TensorOpen(purpose="tunnel", tag=TUNNEL_TAG, model=model)
-        stream_id = link.session.open_channel(setup, time.monotonic())
+        stream_id = link.session.open_channel(setup, clock())
         tunnel = Tunnel(link, stream_id, str(link.node_id), reader, writer,
                         opened=asyncio.get_running_loop().create_future())
         self._tunnels[(id(link), stream_id)] = tunnel
@@ -183,9 +184,9 @@ class Tunnels:
         if tunnel is None:
             return False
         if isinstance(event, ChannelOpened):
-            _settle(tunnel.opened, None)
+            settle(tunnel.opened)
         elif isinstance(event, ChannelRefused):
-            _settle(tunnel.opened, ConnectionRefusedError(f"{event.code}: {event.message}"))
+            settle(tunnel.opened, error=ConnectionRefusedError(f"{event.code}: {event.message}"))
         elif isinstance(event, StreamWritable):
             tunnel.writable.set()
         elif isinstance(event, ChannelDataReceived):
@@ -228,9 +229,7 @@ class Tunnels:
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
-                while not session.is_writable(tunnel.stream_id):
-                    tunnel.writable.clear()
-                    await tunnel.writable.wait()
+                await wait_writable(session, tunnel.stream_id, tunnel.writable)
                 if tunnel.closed:
                     return
                 tunnel.bytes_out += len(data)
@@ -271,7 +270,7 @@ class Tunnels:
         tunnel.closed = True
         self._forget(tunnel)
         tunnel.writable.set()
-        _settle(tunnel.opened, ConnectionResetError(f"tunnel closed: {by_peer}"))
+        settle(tunnel.opened, error=ConnectionResetError(f"tunnel closed: {by_peer}"))
         if tunnel.pump is not None and not tunnel.pump.done():
             tunnel.pump.cancel()
         if tunnel.writer is not None and not tunnel.writer.is_closing():
@@ -326,13 +325,3 @@ def _proc_addr(host: str, port: int) -> str:
     import socket
 
     return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
-
-
-def _settle(future: asyncio.Future | None, error: BaseException | None) -> None:
-    if future is None or future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-        future.exception()  # retrieved: nobody may be waiting any more

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,14 +146,31 @@ async def _wait_progress(future: asyncio.Future, progress: Any, stall_s: float) 
                 raise
 
 
-def _make_side(settings: EngineSettings, tls: TlsIdentity, session_config: SessionConfig) -> Side:
-    side: Side
+def trusting_endpoint(settings: EngineSettings, on_event: Callable[[PeerLink, Event], None], *,
+                      tls: TlsIdentity | None = None, roles: Iterable[str] = ROLES,
+                      session_config: SessionConfig | None = None,
+                      on_session: Callable[[PeerLink], None] | None = None) -> QuicEndpoint:
+    """An endpoint whose sessions grant every peer ``roles``: no trust store (tests, benchmarks).
+
+    ``tls`` defaults to a throwaway identity (pass one to know the node id);
+    ``on_session`` sees each link as its session is made.
+    """
+    tls = tls or ephemeral_identity()
+    granted = trust_roles(frozenset(roles))
+    config = session_config or SessionConfig()
 
     def make_session(link: PeerLink, node_id: NodeId, now: float) -> PeerSession:
-        side.link = link
+        if on_session is not None:
+            on_session(link)
         return PeerSession(local_node_id=str(tls.node_id), peer_node_id=str(node_id), is_client=link.is_client,
-                           now=now, is_trusted=trust_roles(ROLES), verify_capabilities=lambda *_: {},
-                           config=session_config)
+                           now=now, is_trusted=granted, verify_capabilities=lambda *_: {}, config=config)
+
+    return QuicEndpoint(tls, settings, make_session=make_session, on_event=on_event,
+                        on_link_closed=lambda link: None, on_link_created=lambda link: None)
+
+
+def _make_side(settings: EngineSettings, tls: TlsIdentity, session_config: SessionConfig) -> Side:
+    side: Side
 
     def on_event(link: PeerLink, event: Event) -> None:
         side.events.append(event)
@@ -172,8 +190,10 @@ def _make_side(settings: EngineSettings, tls: TlsIdentity, session_config: Sessi
         if future is not None and not future.done():
             future.set_result(event)
 
-    endpoint = QuicEndpoint(tls, settings, make_session=make_session, on_event=on_event,
-                            on_link_closed=lambda link: None, on_link_created=lambda link: None)
+    def on_session(link: PeerLink) -> None:
+        side.link = link
+
+    endpoint = trusting_endpoint(settings, on_event, tls=tls, session_config=session_config, on_session=on_session)
     side = Side(endpoint, tls)
     return side
 
@@ -202,4 +222,4 @@ async def connect_pair(client_settings: EngineSettings, server_settings: EngineS
     return pair
 
 
-__all__ = ["Pair", "Transfer", "connect_pair"]
+__all__ = ["Pair", "Transfer", "connect_pair", "trusting_endpoint"]
