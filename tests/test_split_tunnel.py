@@ -129,25 +129,19 @@ async def test_bytes_cross_both_ways_intact() -> None:
         close(host, worker)
 
 
-async def test_peer_without_tensor_trust_gets_nothing() -> None:
-    # The worker grants the host every role but `tensor`: the channel is refused before any local connection.
-    host, worker, link, echo = await pair(worker_grants=[r for r in ROLES if r != "tensor"])
+@pytest.mark.parametrize("refusal", [
+    # The worker grants the host every role but `tensor`: its session refuses the channel (forbidden).
+    {"worker_grants": [r for r in ROLES if r != "tensor"]},
+    # The worker trusts the host but is not a worker (split.worker = false): not_accepting.
+    {"serve": False},
+], ids=["no_tensor_trust", "not_a_worker"])
+async def test_a_refused_tunnel_carries_nothing(refusal: dict) -> None:
+    host, worker, link, echo = await pair(**refusal)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
         writer.write(b"hello")
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a byte
-        assert echo.writers == [] and worker.released == []
-    finally:
-        close(host, worker)
-
-
-async def test_a_node_that_is_not_a_worker_refuses() -> None:
-    host, worker, link, echo = await pair(serve=False)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", await tunnel_port(host, link))
-        writer.write(b"hello")
-        assert await asyncio.wait_for(reader.read(), 10) == b""
-        assert echo.writers == []
+        assert echo.writers == [] and worker.released == []  # no local connection was ever made
     finally:
         close(host, worker)
 
