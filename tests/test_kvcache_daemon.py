@@ -46,19 +46,28 @@ def chat(daemon, messages: list[dict], served_by: str | None = None) -> tuple[st
     return response.choices[0].message.content, response.usage
 
 
-def test_drain_moves_the_conversation_and_the_next_turn_hits_the_cache(daemon_factory, tmp_path):
+def connected_kv_pair(daemon_factory, tmp_path, first: str, second: str, *,
+                      first_grants: str | None = None, second_grants: str | None = None):
+    """Two daemons with [kvcache] on: ``first`` listens, ``second`` dials it, each trusts the other
+    (every role unless ``*_grants`` names them), both connected and their models described.
+    Returns (first, second, first's id, second's id, the config file)."""
     config = tmp_path / "kv.toml"
     # Long first-token timeout: a long prefill on 2 shared CPUs must not fail over to the peer.
     config.write_text("[kvcache]\nenabled = true\n[routing]\nfirst_token_timeout_s = 600.0\n")
-    mesh_a = free_port(socket.SOCK_DGRAM)
-    a = daemon_factory("--config", str(config), "--mesh-listen", f"127.0.0.1:{mesh_a}", "--name", "alpha")
-    b = daemon_factory("--config", str(config), "--peer", f"127.0.0.1:{mesh_a}", "--name", "beta")
-    reference = daemon_factory("--name", "reference")  # [kvcache] off: every request prefills in full
+    mesh = free_port(socket.SOCK_DGRAM)
+    a = daemon_factory("--config", str(config), "--mesh-listen", f"127.0.0.1:{mesh}", "--name", first)
+    b = daemon_factory("--config", str(config), "--peer", f"127.0.0.1:{mesh}", "--name", second)
     id_a, id_b = meshctl(a, "id")["node_id"], meshctl(b, "id")["node_id"]
-    meshctl(a, "trust", "add", id_b)  # all roles, `cache` included
-    meshctl(b, "trust", "add", id_a)
+    meshctl(a, "trust", "add", id_b, *(["--roles", first_grants] if first_grants else []))
+    meshctl(b, "trust", "add", id_a, *(["--roles", second_grants] if second_grants else []))
     wait_state(b, id_a, {"connected"})
     wait_for(lambda: described(a) and described(b), timeout=60)
+    return a, b, id_a, id_b, config
+
+
+def test_drain_moves_the_conversation_and_the_next_turn_hits_the_cache(daemon_factory, tmp_path):
+    a, b, id_a, id_b, _ = connected_kv_pair(daemon_factory, tmp_path, "alpha", "beta")  # all roles, `cache` too
+    reference = daemon_factory("--name", "reference")  # [kvcache] off: every request prefills in full
     wait_for(lambda: sees_peer_model(a, id_b), timeout=20)
 
     turn1 = [{"role": "system", "content": "You answer briefly."},
@@ -115,16 +124,7 @@ def test_sigterm_drains_when_configured(daemon_factory, tmp_path):
 
 def test_entry_prefers_the_peer_holding_the_conversation(daemon_factory, tmp_path):
     """E serves the model too, but S holds the conversation's cache: E routes the next turn to S."""
-    config = tmp_path / "kv.toml"
-    config.write_text("[kvcache]\nenabled = true\n[routing]\nfirst_token_timeout_s = 600.0\n")
-    mesh_s = free_port(socket.SOCK_DGRAM)
-    server = daemon_factory("--config", str(config), "--mesh-listen", f"127.0.0.1:{mesh_s}", "--name", "server")
-    entry = daemon_factory("--config", str(config), "--peer", f"127.0.0.1:{mesh_s}", "--name", "entry")
-    id_s, id_e = meshctl(server, "id")["node_id"], meshctl(entry, "id")["node_id"]
-    meshctl(server, "trust", "add", id_e)
-    meshctl(entry, "trust", "add", id_s)
-    wait_state(entry, id_s, {"connected"})
-    wait_for(lambda: described(entry) and described(server), timeout=60)
+    server, entry, id_s, id_e, _ = connected_kv_pair(daemon_factory, tmp_path, "server", "entry")
     wait_for(lambda: sees_peer_model(entry, id_s), timeout=20)
 
     turn1 = [{"role": "user", "content": PARAGRAPH * 4 + "\nWhat came from the west?"}]
@@ -144,19 +144,12 @@ def test_entry_prefers_the_peer_holding_the_conversation(daemon_factory, tmp_pat
 def test_a_cache_held_by_a_peer_is_pulled_when_the_request_stays_here(daemon_factory, tmp_path):
     """H holds the conversation but is trusted by E with `cache` only (not to serve): E pulls the
     cache before serving the next turn itself, and prefills only the new tokens."""
-    config = tmp_path / "kv.toml"
-    config.write_text("[kvcache]\nenabled = true\n[routing]\nfirst_token_timeout_s = 600.0\n")
-    mesh_h = free_port(socket.SOCK_DGRAM)
-    holder = daemon_factory("--config", str(config), "--mesh-listen", f"127.0.0.1:{mesh_h}", "--name", "holder")
-    entry = daemon_factory("--config", str(config), "--peer", f"127.0.0.1:{mesh_h}", "--name", "entry")
+    holder, entry, id_h, id_e, config = connected_kv_pair(daemon_factory, tmp_path, "holder", "entry",
+                                                         first_grants="use,cache", second_grants="cache")
     # What one node alone produces: it served turn 1 and restores its own cache for turn 2,
     # the same evaluation pattern as a pulled cache (a fresh full prefill may differ in the last bits).
     alone = daemon_factory("--config", str(config), "--name", "alone")
-    id_h, id_e = meshctl(holder, "id")["node_id"], meshctl(entry, "id")["node_id"]
-    meshctl(holder, "trust", "add", id_e, "--roles", "use,cache")
-    meshctl(entry, "trust", "add", id_h, "--roles", "cache")
-    wait_state(entry, id_h, {"connected"})
-    wait_for(lambda: described(entry) and described(holder), timeout=60)
+    wait_for(lambda: described(alone), timeout=60)
 
     # The entry learns its own prefill speed from a first request of its own.
     warm = [{"role": "user", "content": PARAGRAPH * 2 + "\nWhat is the weather?"}]
