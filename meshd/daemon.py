@@ -401,7 +401,7 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot create the admin socket {self.admin.config.socket_path}: "
                                    f"{exc.strerror or exc}") from None
-            await self.split.start()  # before the backends: split models plan with its measurements
+            self.split.start()  # probes in the background; split models wait for it before planning
             url = self._api_url()
             log.info("api listening", extra=fields(url=url, models=",".join(s.id for s in (*specs, *split_specs))
                                                    or "-"))

@@ -50,26 +50,37 @@ class SplitNode:
                                self.worker.release if self.worker else None, self._tunnel_lost)
         self.mesh: Any = None  # MeshService, set once it exists
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._probe: asyncio.Future | None = None
+        self.probed = asyncio.Event()  # RPC support checked and speed measured: planning may start
         self.speed_gbs = 0.0
         self.plans: dict[str, SplitPlan] = {}
         self.shapes: dict[str, ModelShape] = {}
         self._failed: dict[str, float] = {}  # peer -> when its tunnel broke
         self._listeners: dict[tuple[str, str], Any] = {}  # (peer, model) -> asyncio Server on 127.0.0.1
 
-    async def start(self) -> None:
+    def start(self) -> None:
+        """Check RPC support and measure speed in the background: start-up does not wait for them."""
+        self.loop = asyncio.get_running_loop()
+        self._probe = asyncio.ensure_future(self._probe_node())
+
+    async def _probe_node(self) -> None:
         from .rpclib import rpc_support
 
-        self.loop = asyncio.get_running_loop()
-        self.rpc_missing = await asyncio.to_thread(rpc_support)  # imports llama_cpp: off the loop
-        if self.rpc_missing is not None and self.worker is not None:
-            self.worker = None
-            self.tunnels.stop_serving()
-        self.speed_gbs = self.config.speed_gbs or await asyncio.to_thread(measure_speed_gbs)
+        try:
+            self.rpc_missing = await asyncio.to_thread(rpc_support)  # imports llama_cpp: off the loop
+            if self.rpc_missing is not None and self.worker is not None:
+                self.worker = None
+                self.tunnels.stop_serving()
+            self.speed_gbs = self.config.speed_gbs or await asyncio.to_thread(measure_speed_gbs)
+        finally:
+            self.probed.set()  # a failed probe leaves the defaults (speed 1.0 when planning), never a hang
         log.info("split ready", extra=fields(worker=self.worker is not None, speed_gbs=round(self.speed_gbs, 1),
                                              memory_mib=self.memory_bytes() // MiB,
                                              rpc=self.rpc_missing or "available"))
 
     def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         self.tunnels.close()
         for server in self._listeners.values():
             server.close()
@@ -94,7 +105,8 @@ class SplitNode:
 
     def capability(self) -> dict[str, Any]:
         # Rounded: the announcement is re-signed and re-sent only when it changes.
-        return {"worker": self.worker is not None,
+        # Not a worker until RPC support is checked: no host plans on us before.
+        return {"worker": self.worker is not None and self.probed.is_set(),
                 "memory_bytes": self.memory_bytes() // (16 * MiB) * 16 * MiB,
                 "speed_gbs": round(self.speed_gbs, 1),
                 **({"unavailable": self.rpc_missing} if self.rpc_missing else {})}
@@ -157,6 +169,7 @@ class SplitNode:
         """Where ``spec``'s layers go now, as llama.cpp endpoints; waits up to plan_wait_s for peers."""
         from .engine import HostPlan
 
+        await self.probed.wait()
         if lost:
             await asyncio.sleep(0.5)  # let the broken tunnels report before choosing again
         deadline = time.monotonic() + self.config.plan_wait_s
@@ -196,6 +209,7 @@ class SplitNode:
 
     async def explain(self, spec: ModelSpec) -> dict[str, Any]:
         """For ``meshctl plan``: the plan in use, what would be chosen now, and the offers behind it."""
+        await self.probed.wait()
         shape = await self._shape(spec)
         local, peers = self.offers()
         out: dict[str, Any] = {"model": spec.id, "mode": spec.split, "shape": shape.to_dict(), "n_ctx": spec.n_ctx,
