@@ -113,6 +113,7 @@ class MeshConfig:
     max_stream_data: int | None = None
     max_data: int | None = None
     pmtu_probe: bool = False
+    busy_poll_us: int | None = None
 
 
 STRATEGIES = ("local-first", "least-loaded", "lowest-latency")
@@ -341,6 +342,7 @@ SETTINGS: dict[str, tuple[Callable[[str, Any], Any], str | None]] = {
     "mesh.max_stream_data": (_parse_int(65536), None),
     "mesh.max_data": (_parse_int(65536), None),
     "mesh.pmtu_probe": (_parse_bool, None),
+    "mesh.busy_poll_us": (_parse_int(0), "MESHD_QUIC_BUSY_POLL_US"),
     "split.worker": (_parse_bool, "MESHD_SPLIT_WORKER"),
     "split.memory_budget_mb": (_parse_int(0), "MESHD_SPLIT_MEMORY_BUDGET_MB"),
     "split.worker_idle_s": (_parse_float, None),

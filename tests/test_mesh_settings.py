@@ -45,6 +45,7 @@ def test_an_empty_mesh_section_gives_the_transport_defaults() -> None:
     assert settings.engine == ENGINE_NAME and settings.max_datagram_size == 1452
     assert (settings.max_data, settings.max_stream_data, settings.udp_buffer_bytes) == (32 * MiB, 16 * MiB, 8 * MiB)
     assert settings.pmtu_probe is False
+    assert settings.busy_poll_us == 300
 
 
 def test_config_file_keys_reach_engine_settings(tmp_path: Path) -> None:
@@ -56,6 +57,7 @@ udp_buffer_bytes = 1048576
 max_stream_data = 4194304
 max_data = 8388608
 pmtu_probe = true
+busy_poll_us = 0
 """)
     settings = engine_settings(config)
     assert settings.engine == "aioquic"
@@ -63,13 +65,15 @@ pmtu_probe = true
     assert settings.udp_buffer_bytes == 1 * MiB
     assert (settings.max_stream_data, settings.max_data) == (4 * MiB, 8 * MiB)
     assert settings.pmtu_probe is True
+    assert settings.busy_poll_us == 0
 
 
 def test_environment_reaches_engine_settings_and_beats_the_file(tmp_path: Path) -> None:
     config = mesh_config(tmp_path=tmp_path, file='[mesh]\nengine = "qh3"\nmax_datagram_size = 1300\n',
-                         env={"MESHD_QUIC_ENGINE": "AIOQUIC", "MESHD_QUIC_MAX_DATAGRAM_SIZE": "8952"})
+                         env={"MESHD_QUIC_ENGINE": "AIOQUIC", "MESHD_QUIC_MAX_DATAGRAM_SIZE": "8952",
+                              "MESHD_QUIC_BUSY_POLL_US": "1000"})
     settings = engine_settings(config)
-    assert (settings.engine, settings.max_datagram_size) == ("aioquic", 8952)
+    assert (settings.engine, settings.max_datagram_size, settings.busy_poll_us) == ("aioquic", 8952, 1000)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -104,6 +108,8 @@ def test_one_flow_control_window_alone_keeps_the_pair_consistent() -> None:
     ("max_stream_data", -1),
     ("max_data", "lots"),
     ("pmtu_probe", "maybe"),
+    ("busy_poll_us", -1),
+    ("busy_poll_us", "fast"),
 ])
 def test_values_the_config_refuses_name_their_key(key: str, raw: object) -> None:
     with pytest.raises(ConfigError) as error:
@@ -120,6 +126,7 @@ def test_the_environment_is_checked_like_the_file() -> None:
 @pytest.mark.parametrize("changes,key", [
     ({"max_datagram_size": 65528}, "mesh.max_datagram_size"),  # above UDP's ceiling
     ({"max_stream_data": 8 * MiB, "max_data": 4 * MiB}, "mesh.max_data"),
+    ({"busy_poll_us": 100_001}, "mesh.busy_poll_us"),  # more than a tenth of a second of spinning
 ])
 def test_values_the_transport_refuses_name_their_key(changes: dict, key: str) -> None:
     config = mesh_config(**changes)  # within what the config parser checks

@@ -79,7 +79,8 @@ def engine_settings(config: MeshConfig) -> EngineSettings:
     qh3 is not installed or fails its self-test ("auto" never fails).
     """
     chosen: dict[str, Any] = {name: getattr(config, name) for name in
-                              ("max_datagram_size", "udp_buffer_bytes", "max_stream_data", "max_data")
+                              ("max_datagram_size", "udp_buffer_bytes", "max_stream_data", "max_data",
+                               "busy_poll_us")
                               if getattr(config, name) is not None}
     if config.engine != "auto":
         chosen["engine"] = config.engine

@@ -17,6 +17,7 @@ from typing import Any
 
 from identity import NodeId, TlsIdentity
 
+from .busypoll import BusyPoll
 from .engine import MeshConnection, load_engine
 from .link import EventHandler, PeerLink, SessionFactory
 from .packets import destination_cid, is_initial
@@ -45,6 +46,7 @@ class QuicEndpoint:
         self.links: set[PeerLink] = set()
         self.socket: UdpSocket | None = None
         self.dropped = 0
+        self.busy_poll = BusyPoll(self.settings.busy_poll_us)  # busypoll.py: no sleep right after traffic
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -55,7 +57,7 @@ class QuicEndpoint:
         # info: which engine and datagram size a node runs is what an operator asks first.
         log.info("quic endpoint bound", extra={"fields": {
             "addr": f"{bound[0]}:{bound[1]}", "engine": self.engine.name, "batched_io": self.socket.batched,
-            "max_datagram_size": self.settings.max_datagram_size}})
+            "max_datagram_size": self.settings.max_datagram_size, "busy_poll_us": self.settings.busy_poll_us}})
         return bound
 
     def close(self) -> None:
@@ -63,6 +65,7 @@ class QuicEndpoint:
             link.close(0, "shutting down")
         if self.socket is not None:
             self.socket.close()
+        self.busy_poll.close()
 
     # --- links -------------------------------------------------------------------
 
@@ -102,7 +105,7 @@ class QuicEndpoint:
             data, addr = batch[0]
             link = self._link_for(data, addr)
             if link is not None:
-                link.datagrams_received([data], addr)
+                self._deliver(link, [data], addr)
             return
         run: list[bytes] = []
         run_link: PeerLink | None = None
@@ -111,12 +114,17 @@ class QuicEndpoint:
             link = self._link_for(data, addr)
             if link is not run_link or addr != run_addr:
                 if run_link is not None and run:
-                    run_link.datagrams_received(run, run_addr)  # type: ignore[arg-type]
+                    self._deliver(run_link, run, run_addr)  # type: ignore[arg-type]
                 run, run_link, run_addr = [], link, addr
             if link is not None:
                 run.append(data)
         if run_link is not None and run:
-            run_link.datagrams_received(run, run_addr)  # type: ignore[arg-type]
+            self._deliver(run_link, run, run_addr)  # type: ignore[arg-type]
+
+    def _deliver(self, link: PeerLink, datagrams: list[bytes], addr: Address) -> None:
+        # Only datagrams a connection takes keep the loop awake; ones nobody owns are dropped.
+        self.busy_poll.touch()
+        link.datagrams_received(datagrams, addr)
 
     def _link_for(self, data: bytes, addr: Address) -> PeerLink | None:
         cid = destination_cid(data, CONNECTION_ID_LENGTH)
@@ -134,6 +142,7 @@ class QuicEndpoint:
     def send(self, datagrams: list[tuple[bytes, Any]]) -> None:
         if self.socket is None or not datagrams:
             return
+        self.busy_poll.touch()
         addr = datagrams[0][1]
         if len(datagrams) == 1:  # a control message, an ACK: most sends
             self.socket.send([datagrams[0][0]], addr)

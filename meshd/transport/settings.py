@@ -31,6 +31,8 @@ MAX_DATAGRAM_SIZE = 65527
 DEFAULT_MAX_DATA = 32 * 1024 * 1024
 DEFAULT_MAX_STREAM_DATA = 16 * 1024 * 1024
 DEFAULT_UDP_BUFFER_BYTES = 8 * 1024 * 1024
+DEFAULT_BUSY_POLL_US = 300
+MAX_BUSY_POLL_US = 100_000
 
 
 def _default_engine() -> str:
@@ -60,6 +62,9 @@ class EngineSettings:
     batch_io: bool = True
     # Path MTU probing above max_datagram_size (qh3 only; aioquic sends a fixed size).
     pmtu_probe: bool = False
+    # Keep the loop polling (not sleeping) this long after a datagram comes or goes
+    # (busypoll.py): a request's answer then meets a running process. 0 = off.
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     # aioquic only ("reno" or "cubic"); qh3 uses its native controller.
     congestion_control: str = "reno"
 
@@ -79,6 +84,9 @@ class EngineSettings:
             raise InvalidTransportSettings(f"{self.idle_timeout_s}: must be positive", setting="idle_timeout_s")
         if self.udp_buffer_bytes <= 0:
             raise InvalidTransportSettings(f"{self.udp_buffer_bytes}: must be positive", setting="udp_buffer_bytes")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise InvalidTransportSettings(f"{self.busy_poll_us}: expected 0..{MAX_BUSY_POLL_US}",
+                                           setting="busy_poll_us")
         if self.congestion_control not in ("reno", "cubic"):
             raise InvalidTransportSettings(f"{self.congestion_control!r}: expected reno or cubic",
                                            setting="congestion_control")
@@ -92,6 +100,7 @@ class EngineSettings:
 
 __all__ = [
     "ALPN",
+    "DEFAULT_BUSY_POLL_US",
     "CONNECTION_ID_LENGTH",
     "DEFAULT_DATAGRAM_SIZE",
     "DEFAULT_MAX_DATA",
