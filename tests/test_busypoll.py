@@ -128,3 +128,17 @@ def test_datagrams_nobody_owns_do_not_keep_the_loop_awake() -> None:
             await pair.close()
 
     assert asyncio.run(main()) == (6, False, True)
+
+
+def test_a_closed_poller_stays_closed() -> None:
+    async def main() -> tuple[bool, int]:
+        poll = BusyPoll(50_000)
+        poll.touch()
+        poll.close()
+        await asyncio.sleep(0.005)
+        poll.touch()  # e.g. a connection's last timer sending after the endpoint closed
+        await asyncio.sleep(0.005)
+        return poll.running, poll.turns
+
+    running, turns = asyncio.run(main())
+    assert not running and turns <= 1

@@ -53,7 +53,9 @@ class BusyPoll:
             self._loop.call_soon(self._turn)
 
     def close(self) -> None:
-        self._until = 0.0  # the pending turn sees the window over and stops
+        """For good: the pending turn sees the window over, and later touches do nothing."""
+        self.window_s = 0.0
+        self._until = 0.0
 
     def _turn(self) -> None:
         if clock() < self._until:

@@ -100,8 +100,8 @@ class EngineSettings:
 
 __all__ = [
     "ALPN",
-    "DEFAULT_BUSY_POLL_US",
     "CONNECTION_ID_LENGTH",
+    "DEFAULT_BUSY_POLL_US",
     "DEFAULT_DATAGRAM_SIZE",
     "DEFAULT_MAX_DATA",
     "DEFAULT_MAX_STREAM_DATA",
