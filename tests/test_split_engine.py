@@ -175,6 +175,26 @@ def test_all_layers_remote_gives_the_local_output(rpc_ready, reference, rpc_serv
         engine.close()
 
 
+def test_the_output_head_kept_home_gives_the_local_output(rpc_ready, reference, rpc_server, tmp_path) -> None:
+    """head_on_host: the head's weights load into this process, not the RPC server; same greedy text."""
+    from meshd.split.engine import HostPlan
+    from meshd.split.shape import model_shape
+
+    endpoint, _ = rpc_server
+    shape = model_shape(rpc_ready)
+    engine = split_engine(rpc_ready, tmp_path, Planner(HostPlan((endpoint,), 16, head_on_host=True)))
+    engine.load()
+    try:
+        remote = next(d for d in engine.devices if d["endpoint"] == endpoint)["model_buffer_mib"] * (1 << 20)
+        # 15 repeating layers went to the server (llama.cpp offloads the head's slot first), the head did not.
+        assert 14 * shape.layer_bytes < remote < 15 * shape.layer_bytes + shape.output_bytes / 2, (remote, shape)
+        for name, request in (("chat", CHAT), ("completion", COMPLETION)):
+            text, ids, _ = run(engine, request)
+            assert (text, ids) == reference[name][:2], name
+    finally:
+        engine.close()
+
+
 # --- losses ---------------------------------------------------------------------------
 
 

@@ -98,6 +98,7 @@ def test_split_across_two_hosts_matches_one_node(split_pair, reference):
     plan = a.meshctl("plan", "--model", "smollm2-split")
     assert [p["node"] for p in plan["current"]["placements"]] == ["local", ids[1]]
     assert all(p["layers"] > 0 for p in plan["current"]["placements"])
+    assert plan["current"]["head"] == "host"  # room left here: the logits never cross the tunnel
     # The RPC server listens on B's loopback only: from A's namespace and from here, nothing answers.
     for argv in (a.host.argv("python3", "-c", f"import socket; socket.create_connection(('{b.host.ip}', "
                                               f"{worker['port']}), timeout=3)"),):

@@ -32,7 +32,7 @@ def test_auto_splits_what_does_not_fit_and_caps_the_host_by_memory() -> None:
     assert [p.layers for p in plan.placements] == [15, 15]
     plan = plan_layers(SHAPE, 0, local(140), [peer("b", 1000)], "auto")  # room for 10 layers only
     assert [p.layers for p in plan.placements] == [10, 20]
-    assert "capped by memory" in plan.reasons[-2]
+    assert "capped by memory" in next(r for r in plan.reasons if r.startswith("here:"))
     assert plan.placements[0].bytes == 10 * 10 * MiB + 40 * MiB
 
 
@@ -55,15 +55,30 @@ def test_more_peers_are_added_until_the_model_fits() -> None:
     assert plan.tensor_split == (*(float(p.layers) for p in plan.workers[:-1]), plan.workers[-1].layers + 1.0)
 
 
-def test_the_output_head_goes_with_the_last_worker() -> None:
+def test_the_output_head_stays_home_when_the_host_has_room() -> None:
     shape = ModelShape(n_layer=30, layer_bytes=10 * MiB, other_bytes=40 * MiB, output_bytes=40 * MiB)
-    # 300 + 40 + 40 MiB does not fit 360; split, the host keeps only the embeddings: room for 32 layers.
+    # 300 + 40 + 40 MiB does not fit 360; split, the host keeps only the embeddings: room for 32 layers,
+    # of which speed gives it 15, leaving 170 MiB: enough for the head.
     plan = plan_layers(shape, 0, local(360), [peer("b", 45), peer("c", 1000)], "auto")
     assert [p.name for p in plan.workers] == ["c"]  # b cannot hold a layer besides the head
     host, worker = plan.placements
-    assert worker.bytes == worker.layers * 10 * MiB + 40 * MiB and host.bytes == host.layers * 10 * MiB + 40 * MiB
+    assert plan.head_on_host
+    assert host.bytes == host.layers * 10 * MiB + 40 * MiB + 40 * MiB and worker.bytes == worker.layers * 10 * MiB
+    assert plan.n_gpu_layers == worker.layers + 1  # llama.cpp's count still includes the head (planner.py)
+    assert "output head: on this node" in plan.reasons[-1]
+    assert plan.to_dict()["head"] == "host"
+
+
+def test_the_output_head_goes_with_the_last_worker_when_the_host_is_full() -> None:
+    shape = ModelShape(n_layer=30, layer_bytes=10 * MiB, other_bytes=40 * MiB, output_bytes=40 * MiB)
+    plan = plan_layers(shape, 0, local(140), [peer("c", 1000)], "auto")  # host room: exactly 10 layers
+    host, worker = plan.placements
+    assert (host.layers, plan.head_on_host) == (10, False)
+    assert worker.bytes == worker.layers * 10 * MiB + 40 * MiB and host.bytes == 10 * 10 * MiB + 40 * MiB
     assert plan.n_gpu_layers == worker.layers + 1
+    assert plan.reasons[-1] == "output head: on c (no room left here)"
     three = plan_layers(shape, 0, local(100), [peer("b", 180), peer("c", 180)], "auto")
+    assert not three.head_on_host
     assert three.tensor_split == (float(three.workers[0].layers), float(three.workers[1].layers + 1))
     assert three.placements[-1].bytes == three.workers[1].layers * 10 * MiB + 40 * MiB
 

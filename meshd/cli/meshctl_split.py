@@ -22,8 +22,11 @@ def _mib(n: Any) -> str:
 
 
 def _placements(plan: dict[str, Any]) -> str:
-    return "\n".join(f"  {p['name']:<20} {p['layers']:>3} layers  {_mib(p['bytes']):>9}  {p['node'][:15]}"
-                     for p in plan["placements"])
+    lines = [f"  {p['name']:<20} {p['layers']:>3} layers  {_mib(p['bytes']):>9}  {p['node'][:15]}"
+             for p in plan["placements"]]
+    if plan.get("remote_layers"):
+        lines.append(f"  output head on the {plan.get('head', 'last worker')}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace, client: Any) -> tuple[Any, str]:

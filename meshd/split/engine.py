@@ -44,6 +44,7 @@ class HostPlan:
     n_gpu_layers: int  # layers placed on the RPC devices (the last ones)
     tensor_split: tuple[float, ...] | None = None  # proportions among the endpoints (None: llama.cpp default)
     summary: str = ""  # for logs, e.g. "local 16 layers, node-b 15 layers"
+    head_on_host: bool = False  # keep the output head's weights on this host (rpclib.keep_output_on_cpu)
 
 
 # Called on the engine thread; blocks. True: the previous host child died (re-plan
@@ -117,7 +118,8 @@ class SplitEngine:
         self._proc, self._sock = proc, ours
         config = {"path": str(self.path), "n_ctx": self.n_ctx, "n_threads": self.n_threads,
                   "endpoints": list(plan.endpoints), "n_gpu_layers": plan.n_gpu_layers,
-                  "tensor_split": list(plan.tensor_split) if plan.tensor_split is not None else None}
+                  "tensor_split": list(plan.tensor_split) if plan.tensor_split is not None else None,
+                  "head_on_host": plan.head_on_host}
         try:
             send_msg(ours, config)
             ours.settimeout(self.load_timeout_s)

@@ -102,7 +102,7 @@ def _endpoint(device: str) -> str | None:
 
 def _load(config: dict[str, Any], buffers: BufferLog) -> tuple[Any, dict[str, Any]]:
     from ..backends.llama_engine import LlamaEngine
-    from .rpclib import register_rpc_servers
+    from .rpclib import keep_output_on_cpu, register_rpc_servers
 
     started = time.perf_counter()
     endpoints = list(config.get("endpoints") or [])
@@ -110,6 +110,8 @@ def _load(config: dict[str, Any], buffers: BufferLog) -> tuple[Any, dict[str, An
     if config.get("tensor_split"):
         kwargs["tensor_split"] = [float(x) for x in config["tensor_split"]]
     register_rpc_servers(endpoints)
+    if config.get("head_on_host") and endpoints:
+        keep_output_on_cpu()
     engine = LlamaEngine(Path(config["path"]), int(config["n_ctx"]), int(config.get("n_threads") or 0),
                          llama_kwargs=kwargs)
     engine.load()

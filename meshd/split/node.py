@@ -189,7 +189,7 @@ class SplitNode:
         self.plans[spec.id] = plan
         log.info("split plan", extra=fields(model=spec.id, plan=plan.summary(), after_loss=lost))
         return HostPlan(endpoints=tuple(endpoints), n_gpu_layers=plan.n_gpu_layers,
-                        tensor_split=plan.tensor_split, summary=plan.summary())
+                        tensor_split=plan.tensor_split, summary=plan.summary(), head_on_host=plan.head_on_host)
 
     async def _listener(self, peer: str, model: str) -> int:
         from identity import NodeId

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import BackendError
 
-__all__ = ["register_rpc_servers", "rpc_support", "start_rpc_server"]
+__all__ = ["keep_output_on_cpu", "register_rpc_servers", "rpc_support", "start_rpc_server"]
 
 GGML_BACKEND_DEVICE_TYPE_CPU = 0  # enum ggml_backend_dev_type in ggml-backend.h
 
@@ -66,6 +66,8 @@ def _libs() -> _Libs | str:
             ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p),
         ]
         rpc.ggml_backend_rpc_start_server.restype = None
+        ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
     except AttributeError as exc:  # an older ggml-rpc without the registry API
         return f"llama-cpp-python's ggml-rpc lacks {exc}; run scripts/install"
     return _Libs(ggml=ggml, rpc=rpc)
@@ -111,3 +113,46 @@ def start_rpc_server(endpoint: str, cache_dir: str, n_threads: int) -> None:
         raise BackendError("ggml has no CPU device", code="split_worker_failed")
     devices = (ctypes.c_void_p * 1)(device)
     libs.rpc.ggml_backend_rpc_start_server(endpoint.encode(), cache_dir.encode(), n_threads, 1, devices)
+
+
+class _BuftOverride(ctypes.Structure):
+    # struct llama_model_tensor_buft_override (llama.h): a name pattern and a buffer type.
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+# The head's weights; a tied model's head is its token table, named token_embd.weight (whose
+# input copy is on the CPU anyway). Matched with std::regex_search by llama.cpp.
+_HEAD_PATTERN = rb"^(output|token_embd)\.weight$"
+_kept: list[Any] = []  # the override arrays: llama.cpp reads them while loading
+
+
+def keep_output_on_cpu() -> None:
+    """Load the output head's weights into CPU memory even though its layer is offloaded.
+
+    llama.cpp offloads the output layer before any repeating layer, so a split
+    host would receive every token's logits (vocabulary x 4 bytes, ~196 KB for
+    SmolLM2) from its last worker; with the weights here, only the final hidden
+    state crosses. llama.cpp takes this as ``tensor_buft_overrides`` in the model
+    parameters, which llama-cpp-python's ``Llama(...)`` has no argument for: this
+    wraps ``llama_model_default_params``, which ``Llama`` calls to build them.
+    Meant for the host child (one model per process); call before loading.
+    """
+    libs = _require()
+    device = libs.ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    buft = libs.ggml.ggml_backend_dev_buffer_type(device) if device else None
+    if not buft:
+        raise BackendError("ggml has no CPU buffer type", code="split_load_failed")
+    overrides = (_BuftOverride * 2)(_BuftOverride(_HEAD_PATTERN, buft), _BuftOverride(None, None))
+    _kept.append(overrides)
+    import llama_cpp.llama_cpp as bindings
+
+    # The binding's own function (not ``__wrapped__``: that is its Python stub), once even if called again.
+    default = getattr(bindings.llama_model_default_params, "meshd_default", bindings.llama_model_default_params)
+
+    def with_overrides() -> Any:
+        params = default()
+        params.tensor_buft_overrides = ctypes.addressof(overrides)
+        return params
+
+    with_overrides.meshd_default = default  # type: ignore[attr-defined]
+    bindings.llama_model_default_params = with_overrides
